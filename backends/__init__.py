@@ -1,0 +1,1 @@
+"""Backends: one package per framework, each imported only inside its own environment."""

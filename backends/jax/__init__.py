@@ -1,0 +1,1 @@
+"""Our own DP-SGD in JAX: jit-compiled per-example gradients, clipping, Gaussian noise."""

@@ -1,0 +1,114 @@
+"""The Backend protocol and the registry of backends, by lazy import string.
+
+The orchestrator never imports a framework: the registry maps a name to
+"module:Class" and only the worker, inside the backend's own environment, imports it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import ClassVar, Protocol
+
+import numpy as np
+
+from bench.models import ModelSpec
+from bench.spec import RunSpec
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """Mean loss and accuracy over the real (unmasked) examples of one step."""
+
+    loss: float
+    accuracy: float
+    examples: int
+
+
+class Backend(Protocol):
+    name: ClassVar[str]
+    variants: ClassVar[tuple[str, ...]]  # the first is the default
+
+    def versions(self) -> dict[str, str]: ...
+
+    def build(
+        self, run: RunSpec, model: ModelSpec, init_params: dict[str, np.ndarray], *, physical_batch_size: int
+    ) -> None:
+        """Build `model` from the canonical weights; batches arrive padded to multiples of
+        `physical_batch_size` rows."""
+        ...
+
+    def train_step(self, x: np.ndarray, y: np.ndarray, mask: np.ndarray) -> StepStats:
+        """One logical step on a padded batch; blocks until the device is done."""
+        ...
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float]: ...
+
+    def params(self) -> dict[str, np.ndarray]: ...
+
+    def reported_epsilon(self, delta: float) -> float | None: ...
+
+    def peak_memory_mb(self) -> float | None:
+        """Device memory peak where the framework knows it (GPU); None: the worker's RSS."""
+        ...
+
+    def compilations(self) -> int | None:
+        """How many times the step has been compiled/traced so far (None if not tracked)."""
+        ...
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    name: str
+    target: str  # "module:Class", imported only inside the backend's environment
+    variants: tuple[str, ...]
+    requirements: str  # path of its requirements.txt, relative to the project root
+
+    @property
+    def default_variant(self) -> str:
+        return self.variants[0]
+
+
+_REGISTRY: dict[str, BackendInfo] = {}
+
+
+class UnknownBackendError(ValueError):
+    pass
+
+
+def register_backend(info: BackendInfo) -> None:
+    _REGISTRY[info.name] = info
+
+
+def get_backend_info(name: str) -> BackendInfo:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownBackendError(f"unknown backend {name!r}; known: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def backend_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def parse_backend(label: str) -> tuple[str, str]:
+    """'opacus:ghost' -> ('opacus', 'ghost'); 'jax' -> ('jax', its default variant)."""
+    name, _, variant = label.partition(":")
+    info = get_backend_info(name.strip())
+    variant = variant.strip() or info.default_variant
+    if variant not in info.variants:
+        raise UnknownBackendError(
+            f"backend {info.name!r} has no variant {variant!r}; known: {', '.join(info.variants)}"
+        )
+    return info.name, variant
+
+
+def create_backend(name: str) -> Backend:
+    """Import and instantiate a backend: call only inside that backend's environment."""
+    module, _, cls = get_backend_info(name).target.partition(":")
+    return getattr(importlib.import_module(module), cls)()
+
+
+register_backend(
+    BackendInfo("jax", "backends.jax.backend:JaxBackend", ("vmap",), "backends/jax/requirements.txt")
+)

@@ -1,0 +1,225 @@
+"""`bench`: a thin command layer over the core."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+
+from bench.spec import SpecError
+
+EXIT_USAGE = 2
+
+
+def _results_dir(value: str | None) -> Path:
+    return Path(value or os.environ.get("BENCH_RESULTS_DIR") or "results")
+
+
+def _seeds(value: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in value.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds: got {value!r}, expected integers such as 0,1,2") from None
+    if not seeds or any(s < 0 for s in seeds):
+        raise argparse.ArgumentTypeError(f"--seeds: got {value!r}, expected integers >= 0")
+    return seeds
+
+
+def cmd_suites(args: argparse.Namespace) -> int:
+    from bench.suite import SuiteError, list_suites, load_suite
+
+    for path in list_suites():
+        try:
+            suite = load_suite(path)
+            print(f"{path.stem:<16} {len(suite.runs):>4} runs  {suite.description}")
+        except SuiteError as e:
+            print(f"{path.stem:<16} INVALID: {e}")
+    return 0
+
+
+def _fmt(x: float | None, spec: str = ".3g") -> str:
+    if x is None:
+        return "-"
+    return "inf" if math.isinf(x) else format(x, spec)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from bench.results import read_status, result_path
+    from bench.runner import Runner, describe_run, projected_epsilon
+    from bench.suite import load_suite
+
+    suite = load_suite(args.suite, backends=args.backends, seeds=args.seeds)
+    results = _results_dir(args.results)
+    if args.dry_run:
+        print(f"suite {suite.name!r} ({suite.path}): {len(suite.runs)} runs, results in {results}")
+        header = f"{'run_id':<16} {'workload':<20} {'backend':<16} {'seed':>4} {'dp':>3} {'sigma':>8} "
+        print(header + f"{'q':>8} {'steps':>7} {'epsilon':>8}  status")
+        for run in suite.runs:
+            path = result_path(results, run.suite, run.run_id)
+            status = (read_status(path) or "unreadable") if path.exists() else "pending"
+            print(
+                f"{run.run_id:<16} {run.workload[:20]:<20} {run.backend_label[:16]:<16} {run.seed:>4} "
+                f"{'yes' if run.dp.enabled else 'no':>3} {_fmt(run.dp.noise_multiplier, '.4g'):>8} "
+                f"{run.sample_rate:>8.4g} {run.total_steps:>7} {_fmt(projected_epsilon(run)):>8}  {status}"
+            )
+        return 0
+    from bench.progress import SweepProgress
+
+    with SweepProgress(len(suite.runs)) as progress:
+        runner = Runner(
+            results, env=args.env, timeout=args.timeout, log=progress.log, on_progress=progress.on_event
+        )
+        progress.describe = describe_run
+        try:
+            outcomes = runner.run_suite(suite, force=args.force, retry_failed=args.retry_failed, on_start=progress.start)
+        except KeyboardInterrupt:
+            progress.log(f"interrupted: finished runs are kept in {results}; run the same command again to resume")
+            return 130
+    counts: dict[str, int] = {}
+    for o in outcomes:
+        counts[o.status] = counts.get(o.status, 0) + 1
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    print(f"{len(outcomes)} runs: {summary}. Results in {results / outcomes[0].path.parent.name}" if outcomes else "")
+    return 0 if all(o.status == "ok" for o in outcomes) else 1
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from bench.data import loaders
+
+    if args.download:
+        def progress(done: int, total: int | None) -> None:
+            pct = f" {100 * done / total:.0f}%" if total else ""
+            print(f"\r  {done / 2**20:.1f} MiB{pct}", end="", file=sys.stderr)
+
+        path = loaders.download(args.download, progress=progress)
+        print(f"\n{args.download} downloaded to {path}")
+        return 0
+    for row in loaders.describe():
+        state = f"available at {row['location']}" if row["available"] else "not found"
+        print(f"{row['name']:<14} {state}")
+        if not row["available"]:
+            print(f"{'':<14} searched: {', '.join(row['searched']) or '-'}")
+            print(f"{'':<14} how: {row['how']}")
+    return 0
+
+
+def _steps(args: argparse.Namespace) -> int:
+    if args.steps is not None:
+        return args.steps
+    if args.epochs is None:
+        raise SpecError("--steps", None, "--steps N or --epochs E")
+    return args.epochs * max(1, round(1 / args.sample_rate))
+
+
+def _check_rate(q: float) -> None:
+    if not 0 < q <= 1:
+        raise SpecError("--sample-rate", q, "0 < q <= 1")
+
+
+def cmd_epsilon(args: argparse.Namespace) -> int:
+    from bench.accounting import epsilon
+
+    _check_rate(args.sample_rate)
+    steps = _steps(args)
+    eps = epsilon(sample_rate=args.sample_rate, noise_multiplier=args.sigma, steps=steps, delta=args.delta)
+    print(f"q={args.sample_rate:g} sigma={args.sigma:g} steps={steps} delta={args.delta:g}")
+    print(f"epsilon (PLD) = {eps.pld:.4f}")
+    print(f"epsilon (RDP) = {eps.rdp:.4f}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from bench.accounting import calibrate_noise, epsilon
+
+    _check_rate(args.sample_rate)
+    steps = _steps(args)
+    print(f"target epsilon={args.epsilon:g} delta={args.delta:g} q={args.sample_rate:g} steps={steps}")
+    for acc in ("pld", "rdp"):
+        sigma = calibrate_noise(
+            target_epsilon=args.epsilon, sample_rate=args.sample_rate, steps=steps, delta=args.delta, accountant=acc
+        )
+        eps = epsilon(sample_rate=args.sample_rate, noise_multiplier=sigma, steps=steps, delta=args.delta)
+        print(f"sigma ({acc.upper()}) = {sigma:.4f}  (gives epsilon {getattr(eps, acc):.4f})")
+    return 0
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    from bench.backend import backend_names, parse_backend
+    from bench.envs import ensure_env, env_dir, is_ready
+
+    if args.action == "list":
+        for name in backend_names():
+            print(f"{name:<12} {'ready' if is_ready(name) else 'not created'}  {env_dir(name)}")
+        return 0
+    for label in args.backends or backend_names():
+        name, _ = parse_backend(label)
+        print(f"{name}: {ensure_env(name)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bench", description="Identical DP-SGD workloads across frameworks.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("suites", help="list the shipped suites").set_defaults(func=cmd_suites)
+
+    r = sub.add_parser("run", help="run a suite (resumes: finished runs are skipped)")
+    r.add_argument("suite", help="a suite name (see `bench suites`) or a YAML file")
+    r.add_argument("--backends", help="comma-separated, e.g. jax,opacus:ghost (overrides the suite)")
+    r.add_argument("--seeds", type=_seeds, help="comma-separated seeds (overrides the suite)")
+    r.add_argument("--dry-run", action="store_true", help="print the runs with sigma, steps and epsilon")
+    r.add_argument("--force", action="store_true", help="re-run runs that already have results")
+    r.add_argument("--retry-failed", action="store_true", help="re-run failed, oom and timed-out runs")
+    r.add_argument("--env", choices=("isolated", "current"), default="isolated", help="backend environment")
+    r.add_argument("--timeout", type=float, help="per-run limit in seconds (overrides the suite)")
+    r.add_argument("--results", help="results folder (default: $BENCH_RESULTS_DIR or ./results)")
+    r.set_defaults(func=cmd_run)
+
+    d = sub.add_parser("data", help="show which datasets are available and where")
+    d.add_argument("--download", metavar="NAME", help="download mnist or cifar10 (needs a network)")
+    d.set_defaults(func=cmd_data)
+
+    for name, func, help_ in (
+        ("epsilon", cmd_epsilon, "epsilon of DP-SGD (PLD and RDP)"),
+        ("calibrate", cmd_calibrate, "noise multiplier for a target epsilon"),
+    ):
+        c = sub.add_parser(name, help=help_)
+        if name == "epsilon":
+            c.add_argument("--sigma", type=float, required=True, help="noise multiplier")
+        else:
+            c.add_argument("--epsilon", type=float, required=True, help="target epsilon")
+        c.add_argument("--sample-rate", type=float, required=True, help="q = batch size / dataset size")
+        c.add_argument("--steps", type=int, help="number of steps")
+        c.add_argument("--epochs", type=int, help="epochs (steps = epochs * round(1/q))")
+        c.add_argument("--delta", type=float, default=1e-5)
+        c.set_defaults(func=func)
+
+    e = sub.add_parser("env", help="backend environments")
+    e.add_argument("action", choices=("create", "list"))
+    e.add_argument("backends", nargs="*", help="backends to create (default: all)")
+    e.set_defaults(func=cmd_env)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from bench.accounting import CalibrationError
+    from bench.backend import UnknownBackendError
+    from bench.data.loaders import DataFormatError, DataNotFoundError
+    from bench.envs import EnvError
+    from bench.suite import SuiteError
+
+    try:
+        return args.func(args)
+    except (SuiteError, SpecError, CalibrationError, UnknownBackendError, EnvError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (DataNotFoundError, DataFormatError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

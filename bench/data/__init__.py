@@ -1,0 +1,1 @@
+"""Dataset loading, normalisation, augmentation and sampling, in numpy only."""

@@ -1,0 +1,56 @@
+"""Terminal progress for a sweep: a bar for the sweep, a bar for the current run, log lines."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from bench.spec import RunSpec
+
+
+class SweepProgress:
+    def __init__(self, total_runs: int, console: Console | None = None):
+        self.console = console or Console(highlight=False)
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=True,
+        )
+        self._sweep = self._progress.add_task("sweep", total=total_runs)
+        self._run = self._progress.add_task("run", total=1, visible=False)
+        self.describe: Callable[[RunSpec], str] = lambda run: run.run_id
+
+    def __enter__(self) -> SweepProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._progress.stop()
+
+    def log(self, message: str) -> None:
+        self._progress.console.print(message, markup=False, soft_wrap=True)
+
+    def start(self, index: int, run: RunSpec) -> None:
+        self._progress.update(self._sweep, completed=index)
+        self._progress.update(
+            self._run, description=f"  {run.backend_label} steps", total=run.total_steps, completed=0, visible=True
+        )
+
+    def on_event(self, run: RunSpec, event: dict[str, Any]) -> None:
+        kind = event["event"]
+        if kind == "progress":
+            self._progress.update(self._run, completed=event["step"])
+        elif kind == "compiled":
+            self.log(f"    first step (compile/trace) {event['seconds']:.1f} s")
+        elif kind == "epoch":
+            self._progress.update(self._run, completed=event["steps"])
+            self.log(
+                f"    epoch {event['epoch']}/{run.train.epochs}: test accuracy {event['test_accuracy']:.4f}, "
+                f"train loss {event['train_loss']:.4f}, {event['train_seconds']:.2f} s training"
+            )

@@ -1,0 +1,334 @@
+"""Run a sweep: one worker subprocess per run, progress, timeouts, resume, Parquet results."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from bench import accounting
+from bench.data.prepare import prepared_path
+from bench.envs import PROJECT_ROOT, EnvError, ensure_env
+from bench.results import read_status, result_path, write_rows
+from bench.spec import RunSpec
+from bench.suite import Suite
+
+EnvMode = Literal["isolated", "current"]
+FINAL = ("ok", "failed", "oom", "timeout", "diverged")
+THREAD_VARS = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "TF_NUM_INTRAOP_THREADS",
+    "BENCH_THREADS",
+)
+SHUFFLE_NOTE = "shuffle sampling: epsilon assumes Poisson subsampling and is not a valid guarantee"
+POLL_S = 0.2
+
+
+@dataclass
+class Outcome:
+    run: RunSpec
+    status: str
+    error: str
+    path: Path
+    skipped: bool = False
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _hardware() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} x{os.cpu_count()}"
+
+
+def worker_env(run: RunSpec) -> dict[str, str]:
+    """The same thread pinning for every backend, and `bench` importable from the checkout."""
+    env = dict(os.environ)
+    for var in THREAD_VARS:
+        env[var] = str(run.perf.threads)
+    env["TF_NUM_INTEROP_THREADS"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([str(PROJECT_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return env
+
+
+def read_events(path: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
+    """Whole JSON lines from `offset` on; a partly written last line waits for the next read."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            chunk = f.read()
+    except FileNotFoundError:
+        return [], offset
+    events = []
+    end = chunk.rfind(b"\n") + 1
+    for line in chunk[:end].splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return events, offset + end
+
+
+def build_rows(run: RunSpec, events: list[dict[str, Any]], status: str, error: str, started: float) -> list[dict]:
+    """One row per finished epoch (a single row when none finished), epsilon from the core."""
+    epochs = [e for e in events if e["event"] == "epoch"]
+    built = next((e for e in events if e["event"] == "built"), {})
+    compiled = next((e for e in events if e["event"] == "compiled"), {})
+    start = next((e for e in events if e["event"] == "start"), {})
+    sigma = run.dp.noise_multiplier if run.dp.enabled else None
+    eps: list[accounting.Epsilons | None] = [None] * len(epochs)
+    if sigma is not None and epochs:
+        eps = accounting.epsilon_per_epoch(
+            sample_rate=run.sample_rate,
+            noise_multiplier=sigma,
+            steps_per_epoch=run.steps_per_epoch,
+            epochs=len(epochs),
+            delta=run.dp.delta,
+        )
+    base = {
+        "run_id": run.run_id,
+        "suite": run.suite,
+        "workload": run.workload,
+        "dataset": run.dataset.name,
+        "model": run.model,
+        "backend": run.backend,
+        "variant": run.variant,
+        "seed": run.seed,
+        "dp": run.dp.enabled,
+        "noise_multiplier": sigma,
+        "target_epsilon": run.dp.target_epsilon,
+        "max_grad_norm": run.dp.max_grad_norm if run.dp.enabled else None,
+        "batch_size": run.train.batch_size,
+        "sampling": run.dp.sampling,
+        "sample_rate": run.sample_rate,
+        "delta": run.dp.delta,
+        "epochs": run.train.epochs,
+        "steps_per_epoch": run.steps_per_epoch,
+        "dataset_size": run.dataset_size,
+        "optimizer": run.train.optimizer.name,
+        "learning_rate": run.train.optimizer.learning_rate,
+        "augment": run.dataset.augment,
+        "compile_seconds": compiled.get("seconds"),
+        "accounting_note": SHUFFLE_NOTE if run.dp.enabled and run.dp.sampling == "shuffle" else "",
+        "status": status,
+        "error": error,
+        "versions": json.dumps(built.get("versions", {}), sort_keys=True),
+        "python": start.get("python", ""),
+        "hardware": _hardware(),
+        "threads": run.perf.threads,
+        "git_commit": _git_commit(),
+        "started_at": datetime.fromtimestamp(started, timezone.utc),
+        "finished_at": datetime.now(timezone.utc),
+        "spec": json.dumps(run.to_dict(), sort_keys=True),
+    }
+    if not epochs:
+        return [{**base, "epoch": 0}]
+    rows = []
+    for e, ep in zip(epochs, eps):
+        seconds = e["train_seconds"]
+        rows.append(
+            {
+                **base,
+                **{k: e.get(k) for k in ("epoch", "steps", "examples", "train_loss", "train_accuracy")},
+                **{k: e.get(k) for k in ("test_loss", "test_accuracy", "train_seconds", "epoch_seconds")},
+                **{k: e.get(k) for k in ("physical_batch_size", "peak_memory_mb", "compilations")},
+                "examples_per_second": e["examples"] / seconds if seconds else None,
+                "epsilon": ep.pld if ep else None,
+                "epsilon_rdp": ep.rdp if ep else None,
+                "epsilon_reported": e.get("epsilon_reported"),
+            }
+        )
+    return rows
+
+
+def _finish_status(run: RunSpec, events: list[dict], returncode: int | None, timed_out: bool) -> tuple[str, str]:
+    end = next((e for e in reversed(events) if e["event"] == "end"), None)
+    epochs_done = sum(1 for e in events if e["event"] == "epoch")
+    if timed_out:
+        return "timeout", f"run exceeded its time limit after {epochs_done} of {run.train.epochs} epochs"
+    if end is not None:
+        status, error = end["status"], end.get("error", "")
+        if status == "ok" and epochs_done < run.train.epochs:
+            return "failed", f"worker reported ok after {epochs_done} of {run.train.epochs} epochs"
+        return status, error
+    if returncode is not None and returncode < 0:
+        sig = signal.Signals(-returncode).name
+        if sig == "SIGKILL":
+            return "oom", "worker killed by SIGKILL (most likely the kernel's out-of-memory killer)"
+        return "failed", f"worker killed by {sig}"
+    return "failed", f"worker exited with code {returncode} without finishing (see its log)"
+
+
+class Runner:
+    """Executes RunSpecs one after another, each in a fresh worker process."""
+
+    def __init__(
+        self,
+        results_dir: Path,
+        *,
+        env: EnvMode = "isolated",
+        timeout: float | None = None,
+        log: Callable[[str], None] = print,
+        on_progress: Callable[[RunSpec, dict], None] | None = None,
+    ):
+        self.results_dir = Path(results_dir).resolve()
+        self.env = env
+        self.timeout = timeout
+        self.log = log
+        self.on_progress = on_progress
+
+    def python_for(self, backend: str) -> str:
+        if self.env == "current":
+            return sys.executable
+        return str(ensure_env(backend, self.log))
+
+    def should_skip(self, run: RunSpec, force: bool, retry_failed: bool) -> str | None:
+        path = result_path(self.results_dir, run.suite, run.run_id)
+        status = read_status(path) if path.exists() else None
+        if force or status not in FINAL or (retry_failed and status != "ok"):
+            return None
+        return status
+
+    def execute(self, run: RunSpec, timeout: float) -> Outcome:
+        path = result_path(self.results_dir, run.suite, run.run_id)
+        logs = path.parent / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        events_path = logs / f"{run.run_id}.events.jsonl"
+        events_path.unlink(missing_ok=True)
+        started = time.time()
+        try:
+            python = self.python_for(run.backend)
+            data = prepared_path(run.dataset)
+        except (EnvError, OSError, ValueError) as e:
+            status, error = "failed", f"{type(e).__name__}: {e}"
+            write_rows(path, build_rows(run, [], status, error, started))
+            return Outcome(run, status, error, path)
+        job = logs / f"{run.run_id}.job.json"
+        job.write_text(json.dumps({"run": run.to_dict(), "data": str(data), "events": str(events_path)}))
+        events: list[dict] = []
+        offset = 0
+        timed_out = False
+        with open(logs / f"{run.run_id}.log", "w") as log_file:
+            proc = subprocess.Popen(
+                [python, "-m", "bench.worker", str(job)],
+                cwd=PROJECT_ROOT,
+                env=worker_env(run),
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            try:
+                while True:
+                    returncode = proc.poll()
+                    new, offset = read_events(events_path, offset)
+                    for e in new:
+                        events.append(e)
+                        if self.on_progress:
+                            self.on_progress(run, e)
+                    if returncode is not None:
+                        break
+                    if time.time() - started > timeout:
+                        timed_out = True
+                        _kill(proc)
+                        break
+                    time.sleep(POLL_S)
+            except KeyboardInterrupt:
+                _kill(proc)
+                events += read_events(events_path, offset)[0]
+                write_rows(path, build_rows(run, events, "interrupted", "interrupted by the user", started))
+                raise
+        events += read_events(events_path, offset)[0]
+        status, error = _finish_status(run, events, proc.returncode, timed_out)
+        if status == "failed" and not any(e["event"] == "end" for e in events):
+            error += "\n" + _tail(logs / f"{run.run_id}.log")
+        write_rows(path, build_rows(run, events, status, error, started))
+        return Outcome(run, status, error, path)
+
+    def run_suite(
+        self,
+        suite: Suite,
+        *,
+        force: bool = False,
+        retry_failed: bool = False,
+        on_start: Callable[[int, RunSpec], None] | None = None,
+    ) -> list[Outcome]:
+        outcomes = []
+        total = len(suite.runs)
+        for i, run in enumerate(suite.runs, 1):
+            if on_start:
+                on_start(i - 1, run)
+            label = describe_run(run)
+            done = self.should_skip(run, force, retry_failed)
+            if done is not None:
+                self.log(f"[{i}/{total}] skip {label}: already {done} (use --force to re-run)")
+                outcomes.append(Outcome(run, done, "", result_path(self.results_dir, run.suite, run.run_id), True))
+                continue
+            self.log(f"[{i}/{total}] run {label}")
+            outcome = self.execute(run, self.timeout or suite.timeout)
+            msg = f"[{i}/{total}] {outcome.status} {label}"
+            self.log(msg + (f": {outcome.error.splitlines()[0]}" if outcome.error else ""))
+            outcomes.append(outcome)
+        return outcomes
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def describe_run(run: RunSpec) -> str:
+    if not run.dp.enabled:
+        privacy = "non-private"
+    else:
+        privacy = f"sigma={run.dp.noise_multiplier:g}"
+        if run.dp.target_epsilon is not None:
+            privacy += f" (eps={run.dp.target_epsilon:g})"
+    return f"{run.workload} {run.backend_label} {privacy} seed={run.seed} ({run.run_id})"
+
+
+def projected_epsilon(run: RunSpec) -> float | None:
+    if not run.dp.enabled or run.dp.noise_multiplier is None:
+        return None
+    eps = accounting.epsilon(
+        sample_rate=run.sample_rate, noise_multiplier=run.dp.noise_multiplier, steps=run.total_steps, delta=run.dp.delta
+    )
+    return eps.pld if math.isfinite(eps.pld) else math.inf

@@ -1,0 +1,280 @@
+"""Frozen, validated run specifications.
+
+Privacy settings (`DPConfig`) are kept apart from training settings (`TrainConfig`) and
+from performance settings (`PerfFlags`), as in jax-privacy's execution plans. Every
+dataclass validates itself on construction and raises `SpecError` naming the field.
+`RunSpec.run_id` is a hash of everything that determines the run's numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Sampling = Literal["poisson", "shuffle"]
+OptimizerName = Literal["sgd", "adam"]
+
+SAMPLINGS: tuple[str, ...] = ("poisson", "shuffle")
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
+
+
+class SpecError(ValueError):
+    """An invalid specification value: `path` names the field, `expected` what was wanted."""
+
+    def __init__(self, path: str, value: Any, expected: str):
+        self.path = path
+        self.value = value
+        self.expected = expected
+        super().__init__(f"{path}: got {value!r}, expected {expected}")
+
+
+def _check(ok: bool, path: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise SpecError(path, value, expected)
+
+
+def _positive_int(path: str, value: Any) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+    _check(ok, path, value, "a positive integer")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetSpec:
+    """Which data, how much of it, and whether the core augments it.
+
+    `train_size`/`test_size` take a seeded subset (None: all). `shape` and
+    `num_classes` apply to the `synthetic` dataset only (shape is H, W, C).
+    """
+
+    name: str
+    train_size: int | None = None
+    test_size: int | None = None
+    augment: bool = False
+    shape: tuple[int, int, int] | None = None
+    num_classes: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.name, str) and bool(self.name), "dataset.name", self.name, "a dataset name")
+        for key in ("train_size", "test_size"):
+            value = getattr(self, key)
+            if value is not None:
+                _positive_int(f"dataset.{key}", value)
+        _check(isinstance(self.augment, bool), "dataset.augment", self.augment, "true or false")
+        if self.shape is not None:
+            ok = len(self.shape) == 3 and all(isinstance(s, int) and s > 0 for s in self.shape)
+            _check(ok, "dataset.shape", self.shape, "[height, width, channels] of positive integers")
+        if self.num_classes is not None:
+            _check(
+                isinstance(self.num_classes, int) and self.num_classes >= 2,
+                "dataset.num_classes",
+                self.num_classes,
+                "an integer >= 2",
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimizerSpec:
+    """The optimizer applied to the (noisy) mean gradient; weight decay is coupled L2, as torch."""
+
+    name: OptimizerName = "sgd"
+    learning_rate: float = 0.1
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        _check(self.name in OPTIMIZERS, "optimizer.name", self.name, f"one of {', '.join(OPTIMIZERS)}")
+        _check(
+            _number(self.learning_rate) and self.learning_rate > 0,
+            "optimizer.learning_rate",
+            self.learning_rate,
+            "a positive number",
+        )
+        _check(_number(self.momentum) and 0 <= self.momentum < 1, "optimizer.momentum", self.momentum, "0 <= momentum < 1")
+        _check(
+            _number(self.weight_decay) and self.weight_decay >= 0,
+            "optimizer.weight_decay",
+            self.weight_decay,
+            "a number >= 0",
+        )
+        for key in ("beta1", "beta2"):
+            value = getattr(self, key)
+            _check(_number(value) and 0 <= value < 1, f"optimizer.{key}", value, "0 <= beta < 1")
+        _check(_number(self.eps) and self.eps > 0, "optimizer.eps", self.eps, "a positive number")
+        if self.name == "adam":
+            _check(self.momentum == 0, "optimizer.momentum", self.momentum, "0 for adam (use beta1)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Epochs, expected (logical) batch size and the optimizer, identical for every backend."""
+
+    epochs: int
+    batch_size: int
+    optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
+    eval_batch_size: int = 1024
+
+    def __post_init__(self) -> None:
+        _positive_int("train.epochs", self.epochs)
+        _positive_int("train.batch_size", self.batch_size)
+        _positive_int("train.eval_batch_size", self.eval_batch_size)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DPConfig:
+    """DP-SGD privacy settings (Abadi et al. 2016, "Deep Learning with Differential Privacy").
+
+    `enabled=False` is the non-private baseline on the same batches. When enabled,
+    a suite gives `noise_multiplier` or `target_epsilon`; the suite loader calibrates
+    the second into the first before a run starts and keeps both.
+    """
+
+    enabled: bool = True
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    max_grad_norm: float = 1.0
+    delta: float = 1e-5
+    sampling: Sampling = "poisson"
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.enabled, bool), "dp", self.enabled, "true or false")
+        _check(self.sampling in SAMPLINGS, "sampling", self.sampling, f"one of {', '.join(SAMPLINGS)}")
+        _check(
+            _number(self.max_grad_norm) and self.max_grad_norm > 0,
+            "max_grad_norm",
+            self.max_grad_norm,
+            "a positive number",
+        )
+        _check(_number(self.delta) and 0 < self.delta < 1, "delta", self.delta, "0 < delta < 1")
+        if not self.enabled:
+            _check(self.noise_multiplier is None, "noise_multiplier", self.noise_multiplier, "nothing when dp is false")
+            _check(self.target_epsilon is None, "target_epsilon", self.target_epsilon, "nothing when dp is false")
+            return
+        _check(
+            self.noise_multiplier is not None or self.target_epsilon is not None,
+            "noise_multiplier",
+            self.noise_multiplier,
+            "a noise_multiplier or a target_epsilon when dp is true",
+        )
+        if self.noise_multiplier is not None:
+            _check(
+                _number(self.noise_multiplier) and self.noise_multiplier >= 0,
+                "noise_multiplier",
+                self.noise_multiplier,
+                "a number >= 0",
+            )
+        if self.target_epsilon is not None:
+            _check(
+                _number(self.target_epsilon) and self.target_epsilon > 0,
+                "target_epsilon",
+                self.target_epsilon,
+                "a positive number",
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class PerfFlags:
+    """How a run is executed; none of this changes what is computed.
+
+    `physical_batch_size` is the fixed shape Poisson batches are padded to (None: the
+    core picks one a few standard deviations above the expected batch size).
+    """
+
+    threads: int = 2
+    physical_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        _positive_int("threads", self.threads)
+        if self.physical_batch_size is not None:
+            _positive_int("physical_batch_size", self.physical_batch_size)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSpec:
+    """One run: a workload on one backend/variant with one privacy setting and seed."""
+
+    suite: str
+    workload: str
+    dataset: DatasetSpec
+    model: str
+    train: TrainConfig
+    dp: DPConfig
+    backend: str
+    variant: str = ""
+    seed: int = 0
+    perf: PerfFlags = field(default_factory=PerfFlags)
+    dataset_size: int = 0  # training examples N after subsetting, filled by the suite loader
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.seed, int) and self.seed >= 0, "seed", self.seed, "an integer >= 0")
+        if self.dataset_size:
+            _check(
+                self.train.batch_size <= self.dataset_size,
+                "train.batch_size",
+                self.train.batch_size,
+                f"at most the number of training examples ({self.dataset_size})",
+            )
+
+    @property
+    def sample_rate(self) -> float:
+        return self.train.batch_size / self.dataset_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """round(1/q) for Poisson, ceil(N/B) batches of a permutation for shuffle."""
+        if self.dp.sampling == "shuffle":
+            return math.ceil(self.dataset_size / self.train.batch_size)
+        return max(1, round(1 / self.sample_rate))
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.train.epochs
+
+    @property
+    def backend_label(self) -> str:
+        return f"{self.backend}:{self.variant}" if self.variant else self.backend
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunSpec:
+        data = dict(data)
+        train = dict(data["train"])
+        train["optimizer"] = OptimizerSpec(**train["optimizer"])
+        dataset = dict(data["dataset"])
+        if dataset.get("shape") is not None:
+            dataset["shape"] = tuple(dataset["shape"])
+        return cls(
+            **{
+                **data,
+                "dataset": DatasetSpec(**dataset),
+                "train": TrainConfig(**train),
+                "dp": DPConfig(**data["dp"]),
+                "perf": PerfFlags(**data["perf"]),
+            }
+        )
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What determines the numbers: everything but the suite name and perf flags."""
+        d = self.to_dict()
+        for key in ("suite", "perf"):
+            d.pop(key)
+        d["dp"].pop("target_epsilon")  # the calibrated noise_multiplier is what counts
+        return d
+
+    @property
+    def run_id(self) -> str:
+        blob = json.dumps({**self.identity, "threads": self.perf.threads}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]

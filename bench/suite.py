@@ -1,0 +1,262 @@
+"""YAML suites -> validated, frozen RunSpecs (grid expansion, target-epsilon calibration).
+
+A suite is a list of workloads; each workload's `privacy` list is a grid axis, crossed
+with the suite's backends and seeds. Every error names the file, the field path, the
+value and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench.accounting import CalibrationError, calibrate_noise
+from bench.backend import UnknownBackendError, parse_backend
+from bench.models import MODELS, build_spec
+from bench.spec import DatasetSpec, DPConfig, OptimizerSpec, PerfFlags, RunSpec, SpecError, TrainConfig
+
+SUITES_DIR = Path(__file__).resolve().parent.parent / "suites"
+
+# (train, test, input shape, classes) of the on-disk datasets; synthetic is configured.
+DATASET_INFO: dict[str, tuple[int, int, tuple[int, int, int], int]] = {
+    "fashion-mnist": (60_000, 10_000, (28, 28, 1), 10),
+    "mnist": (60_000, 10_000, (28, 28, 1), 10),
+    "cifar10": (50_000, 10_000, (32, 32, 3), 10),
+    "digits": (1_500, 297, (8, 8, 1), 10),
+}
+SYNTHETIC_DEFAULTS = (10_000, 2_000, (28, 28, 1), 10)
+
+SUITE_KEYS = {"name", "description", "backends", "seeds", "threads", "timeout", "workloads"}
+WORKLOAD_KEYS = {"name", "dataset", "model", "train", "dp", "privacy", "perf"}
+DATASET_KEYS = {f.name for f in dataclasses.fields(DatasetSpec)}
+TRAIN_KEYS = {"epochs", "batch_size", "optimizer", "eval_batch_size"}
+OPTIMIZER_KEYS = {f.name for f in dataclasses.fields(OptimizerSpec)}
+DP_KEYS = {"max_grad_norm", "delta", "sampling"}
+PRIVACY_KEYS = {"dp", "noise_multiplier", "target_epsilon", "learning_rate"}
+PERF_KEYS = {"physical_batch_size"}
+DEFAULT_TIMEOUT_S = 3600.0
+
+
+class SuiteError(ValueError):
+    """A bad suite: `file: path: got value, expected ...`."""
+
+    def __init__(self, file: str | Path, path: str, value: Any, expected: str):
+        self.file, self.path, self.value, self.expected = str(file), path, value, expected
+        super().__init__(f"{file}: {path}: got {value!r}, expected {expected}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Suite:
+    name: str
+    path: Path
+    description: str
+    runs: tuple[RunSpec, ...]
+    timeout: float
+
+
+def suite_path(name_or_path: str) -> Path:
+    """A path, or the name of a shipped suite (`quickstart` -> suites/quickstart.yaml)."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        return p
+    return SUITES_DIR / f"{name_or_path}.yaml"
+
+
+def list_suites() -> list[Path]:
+    return sorted(SUITES_DIR.glob("*.yaml"))
+
+
+class _Reader:
+    """Walks the parsed YAML, checking keys and types and keeping the field path."""
+
+    def __init__(self, file: Path):
+        self.file = file
+
+    def error(self, path: str, value: Any, expected: str) -> SuiteError:
+        return SuiteError(self.file, path, value, expected)
+
+    def mapping(self, value: Any, path: str, allowed: set[str], required: tuple[str, ...] = ()) -> dict:
+        if not isinstance(value, dict):
+            raise self.error(path or "(top level)", value, "a mapping")
+        for key in value:
+            if key not in allowed:
+                raise self.error(
+                    f"{path}.{key}" if path else str(key), key, f"one of the keys {', '.join(sorted(allowed))}"
+                )
+        for key in required:
+            if key not in value:
+                raise self.error(f"{path}.{key}" if path else key, None, "a value (this field is required)")
+        return value
+
+    def seq(self, value: Any, path: str) -> list:
+        if not isinstance(value, list) or not value:
+            raise self.error(path, value, "a non-empty list")
+        return value
+
+    def build(self, cls: type, path: str, **kwargs: Any) -> Any:
+        try:
+            return cls(**kwargs)
+        except SpecError as e:
+            field = e.path.split(".")[-1]
+            raise self.error(f"{path}.{field}", e.value, e.expected) from None
+        except TypeError as e:
+            raise self.error(path, kwargs, f"valid fields ({e})") from None
+
+
+@lru_cache(maxsize=256)
+def _calibrated(target: float, q: float, steps: int, delta: float) -> float:
+    return calibrate_noise(target_epsilon=target, sample_rate=q, steps=steps, delta=delta)
+
+
+def _dataset_size(r: _Reader, ds: DatasetSpec, path: str) -> tuple[int, tuple[int, int, int], int]:
+    if ds.name == "synthetic":
+        n, _, shape, classes = SYNTHETIC_DEFAULTS
+        return ds.train_size or n, ds.shape or shape, ds.num_classes or classes
+    if ds.name not in DATASET_INFO:
+        raise r.error(f"{path}.name", ds.name, f"one of {', '.join([*DATASET_INFO, 'synthetic'])}")
+    if ds.shape is not None or ds.num_classes is not None:
+        raise r.error(f"{path}.shape", ds.shape, "shape/num_classes only for the synthetic dataset")
+    n_train, n_test, shape, classes = DATASET_INFO[ds.name]
+    if ds.train_size is not None and ds.train_size > n_train:
+        raise r.error(f"{path}.train_size", ds.train_size, f"at most {n_train} ({ds.name} has {n_train})")
+    if ds.test_size is not None and ds.test_size > n_test:
+        raise r.error(f"{path}.test_size", ds.test_size, f"at most {n_test} ({ds.name} has {n_test})")
+    return ds.train_size or n_train, shape, classes
+
+
+def _backends(r: _Reader, labels: Any, path: str) -> list[tuple[str, str]]:
+    if isinstance(labels, str):
+        labels = [s for s in labels.split(",") if s.strip()]
+    out = []
+    for i, label in enumerate(r.seq(labels, path)):
+        if not isinstance(label, str):
+            raise r.error(f"{path}[{i}]", label, "a backend name such as 'jax' or 'opacus:ghost'")
+        try:
+            out.append(parse_backend(label))
+        except UnknownBackendError as e:
+            raise r.error(f"{path}[{i}]", label, str(e)) from None
+    return out
+
+
+def _seeds(r: _Reader, seeds: Any, path: str) -> list[int]:
+    for i, s in enumerate(r.seq(seeds, path)):
+        if not isinstance(s, int) or isinstance(s, bool) or s < 0:
+            raise r.error(f"{path}[{i}]", s, "an integer >= 0")
+    return list(seeds)
+
+
+def _workload_runs(
+    r: _Reader, w: Any, path: str, suite: str, backends: list[tuple[str, str]], seeds: list[int], threads: int
+) -> list[RunSpec]:
+    w = r.mapping(w, path, WORKLOAD_KEYS, ("name", "dataset", "model", "train", "privacy"))
+    if not isinstance(w["name"], str) or not w["name"]:
+        raise r.error(f"{path}.name", w["name"], "a non-empty string")
+    ds_raw = w["dataset"] if isinstance(w["dataset"], dict) else {"name": w["dataset"]}
+    ds_raw = dict(r.mapping(ds_raw, f"{path}.dataset", DATASET_KEYS, ("name",)))
+    if isinstance(ds_raw.get("shape"), list):
+        ds_raw["shape"] = tuple(ds_raw["shape"])
+    ds = r.build(DatasetSpec, f"{path}.dataset", **ds_raw)
+    n, shape, classes = _dataset_size(r, ds, f"{path}.dataset")
+
+    model = w["model"]
+    if model not in MODELS:
+        raise r.error(f"{path}.model", model, f"one of {', '.join(MODELS)}")
+    try:
+        build_spec(model, shape, classes)
+    except ValueError as e:
+        raise r.error(f"{path}.model", model, f"a model that fits the data ({e})") from None
+
+    train_raw = dict(r.mapping(w["train"], f"{path}.train", TRAIN_KEYS, ("epochs", "batch_size")))
+    opt_raw = r.mapping(train_raw.pop("optimizer", {}), f"{path}.train.optimizer", OPTIMIZER_KEYS)
+    opt = r.build(OptimizerSpec, f"{path}.train.optimizer", **opt_raw)
+    train = r.build(TrainConfig, f"{path}.train", optimizer=opt, **train_raw)
+    if train.batch_size > n:
+        raise r.error(f"{path}.train.batch_size", train.batch_size, f"at most the {n} training examples")
+
+    dp_base = r.mapping(w.get("dp", {}), f"{path}.dp", DP_KEYS)
+    perf_raw = r.mapping(w.get("perf", {}), f"{path}.perf", PERF_KEYS)
+    perf = r.build(PerfFlags, f"{path}.perf", threads=threads, **perf_raw)
+
+    runs = []
+    for i, setting in enumerate(r.seq(w["privacy"], f"{path}.privacy")):
+        p = f"{path}.privacy[{i}]"
+        setting = r.mapping(setting, p, PRIVACY_KEYS)
+        enabled = setting.get("dp", True)
+        if not isinstance(enabled, bool):
+            raise r.error(f"{p}.dp", enabled, "true or false")
+        if enabled and ("noise_multiplier" in setting) == ("target_epsilon" in setting):
+            raise r.error(p, setting, "exactly one of noise_multiplier and target_epsilon")
+        if not enabled and set(setting) - {"dp", "learning_rate"}:
+            raise r.error(p, setting, "only 'learning_rate' beside 'dp: false'")
+        run_train = train
+        if "learning_rate" in setting:
+            opt_p = r.build(OptimizerSpec, p, **{**opt_raw, "learning_rate": setting["learning_rate"]})
+            run_train = dataclasses.replace(train, optimizer=opt_p)
+        dp = r.build(
+            DPConfig,
+            p,
+            enabled=enabled,
+            noise_multiplier=setting.get("noise_multiplier"),
+            target_epsilon=setting.get("target_epsilon"),
+            **dp_base,
+        )
+        probe = RunSpec(
+            suite=suite, workload=w["name"], dataset=ds, model=model, train=run_train, dp=dp, backend="", dataset_size=n
+        )
+        if dp.enabled and dp.target_epsilon is not None:
+            if dp.sampling != "poisson":
+                raise r.error(f"{p}.target_epsilon", dp.target_epsilon, "noise_multiplier with shuffle sampling")
+            try:
+                sigma = _calibrated(dp.target_epsilon, probe.sample_rate, probe.total_steps, dp.delta)
+            except CalibrationError as e:
+                raise r.error(f"{p}.target_epsilon", dp.target_epsilon, f"a reachable epsilon: {e}") from None
+            dp = dataclasses.replace(dp, noise_multiplier=round(sigma, 6))
+        for backend, variant in backends:
+            for seed in seeds:
+                runs.append(
+                    dataclasses.replace(probe, dp=dp, backend=backend, variant=variant, seed=seed, perf=perf)
+                )
+    return runs
+
+
+def load_suite(
+    name_or_path: str | Path, *, backends: str | list[str] | None = None, seeds: list[int] | None = None
+) -> Suite:
+    """Parse and validate a suite; `backends`/`seeds` override the file's."""
+    path = suite_path(str(name_or_path))
+    r = _Reader(path)
+    if not path.exists():
+        raise SuiteError(path, "(file)", str(path), "an existing suite file (see `bench suites`)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise SuiteError(path, "(yaml)", str(e).splitlines()[0], "valid YAML") from None
+    except (UnicodeDecodeError, OSError) as e:
+        raise SuiteError(path, "(file)", str(e), "a readable UTF-8 text file") from None
+    raw = r.mapping(raw, "", SUITE_KEYS, ("workloads",))
+    name = raw.get("name", path.stem)
+    if not isinstance(name, str) or not name:
+        raise r.error("name", name, "a non-empty string")
+    threads = raw.get("threads", 2)
+    r.build(PerfFlags, "", threads=threads)
+    timeout = raw.get("timeout", DEFAULT_TIMEOUT_S)
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
+        raise r.error("timeout", timeout, "a positive number of seconds")
+    backend_list = _backends(r, backends if backends is not None else raw.get("backends", ["jax"]), "backends")
+    seed_list = _seeds(r, seeds if seeds is not None else raw.get("seeds", [0]), "seeds")
+    runs: list[RunSpec] = []
+    names = set()
+    for i, w in enumerate(r.seq(raw["workloads"], "workloads")):
+        wruns = _workload_runs(r, w, f"workloads[{i}]", name, backend_list, seed_list, threads)
+        if wruns[0].workload in names:
+            raise r.error(f"workloads[{i}].name", wruns[0].workload, "a name not used by another workload")
+        names.add(wruns[0].workload)
+        runs += wruns
+    return Suite(
+        name=name, path=path, description=str(raw.get("description", "")), runs=tuple(runs), timeout=float(timeout)
+    )

@@ -1,0 +1,167 @@
+"""`python -m bench.worker RUN.json`: run ONE RunSpec inside its backend's environment.
+
+The core owns everything but the DP-SGD step: it loads the prepared data, draws the
+batches (Poisson or shuffle), augments and pads them, creates the initial weights and
+times the backend's steps. Progress and results go to a JSON-lines events file, never
+stdout, because frameworks print.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import resource
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.backend import Backend, create_backend
+from bench.data.prepare import Dataset, load_prepared
+from bench.data.sampling import augment, pad_batch, physical_batch_size, poisson_batch, shuffle_batch
+from bench.models import build_spec, init_params
+from bench.spec import RunSpec
+
+OOM_MARKERS = ("RESOURCE_EXHAUSTED", "out of memory", "OutOfMemory", "OOM", "Unable to allocate")
+PROGRESS_INTERVAL_S = 0.5
+
+
+class Events:
+    """Append-only JSON lines, flushed per event so the runner can follow along."""
+
+    def __init__(self, path: str | Path):
+        self._f = open(path, "a", buffering=1)
+
+    def emit(self, event: str, **fields: Any) -> None:
+        self._f.write(json.dumps({"event": event, "time": time.time(), **fields}) + "\n")
+        self._f.flush()
+
+
+class Diverged(RuntimeError):
+    pass
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def pin_threads(threads: int) -> None:
+    """Restrict the process to `threads` CPUs (thread env vars are set by the runner)."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+        if threads < len(cpus):
+            os.sched_setaffinity(0, cpus[:threads])
+    except (AttributeError, OSError):
+        pass
+
+
+class BatchSource:
+    """The core's per-step work: sample, gather, augment, pad. Pure in (seed, step)."""
+
+    def __init__(self, run: RunSpec, data: Dataset):
+        self.run = run
+        self.data = data
+        self.n = len(data.y_train)
+        poisson = run.dp.sampling == "poisson"
+        self.physical = run.perf.physical_batch_size or physical_batch_size(
+            run.train.batch_size, run.sample_rate, poisson
+        )
+
+    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        run = self.run
+        if run.dp.sampling == "poisson":
+            idx = poisson_batch(run.seed, step, self.n, run.sample_rate)
+        else:
+            idx = shuffle_batch(run.seed, step, self.n, run.train.batch_size)
+        x = self.data.x_train[idx]
+        if run.dataset.augment:
+            x = augment(x, run.seed, step)
+        return pad_batch(x, self.data.y_train[idx], self.physical)
+
+
+def train(run: RunSpec, data: Dataset, backend: Backend, events: Events) -> None:
+    spec = build_spec(run.model, data.input_shape, data.num_classes)
+    source = BatchSource(run, data)
+    t0 = time.perf_counter()
+    backend.build(run, spec, init_params(spec, run.seed), physical_batch_size=source.physical)
+    events.emit("built", seconds=time.perf_counter() - t0, versions=backend.versions())
+    step = 0
+    for epoch in range(1, run.train.epochs + 1):
+        epoch_start = time.perf_counter()
+        train_seconds = 0.0
+        loss_sum = correct = examples = 0.0
+        last_progress = 0.0
+        for _ in range(run.steps_per_epoch):
+            x, y, mask = source.batch(step)
+            t = time.perf_counter()
+            stats = backend.train_step(x, y, mask)
+            dt = time.perf_counter() - t
+            train_seconds += dt
+            if step == 0:
+                events.emit("compiled", seconds=dt)
+            if stats.examples and not math.isfinite(stats.loss):
+                raise Diverged(f"non-finite training loss {stats.loss} at step {step}")
+            loss_sum += stats.loss * stats.examples
+            correct += stats.accuracy * stats.examples
+            examples += stats.examples
+            step += 1
+            if time.perf_counter() - last_progress > PROGRESS_INTERVAL_S:
+                last_progress = time.perf_counter()
+                events.emit("progress", epoch=epoch, step=step, total_steps=run.total_steps)
+        epoch_seconds = time.perf_counter() - epoch_start
+        test_loss, test_acc = backend.evaluate(data.x_test, data.y_test)
+        if not math.isfinite(test_loss):
+            raise Diverged(f"non-finite test loss {test_loss} after epoch {epoch}")
+        events.emit(
+            "epoch",
+            epoch=epoch,
+            steps=step,
+            examples=int(examples),
+            train_loss=loss_sum / examples if examples else float("nan"),
+            train_accuracy=correct / examples if examples else float("nan"),
+            test_loss=test_loss,
+            test_accuracy=test_acc,
+            train_seconds=train_seconds,
+            epoch_seconds=epoch_seconds,
+            physical_batch_size=source.physical,
+            peak_memory_mb=backend.peak_memory_mb() or _peak_rss_mb(),
+            compilations=backend.compilations(),
+            epsilon_reported=backend.reported_epsilon(run.dp.delta) if run.dp.enabled else None,
+        )
+
+
+def classify_error(exc: BaseException) -> str:
+    if isinstance(exc, Diverged):
+        return "diverged"
+    if isinstance(exc, MemoryError) or any(m in str(exc) for m in OOM_MARKERS):
+        return "oom"
+    return "failed"
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m bench.worker RUN.json", file=sys.stderr)
+        return 2
+    job = json.loads(Path(argv[0]).read_text())
+    run = RunSpec.from_dict(job["run"])
+    events = Events(job["events"])
+    pin_threads(run.perf.threads)
+    events.emit("start", pid=os.getpid(), python=platform.python_version(), machine=platform.machine())
+    try:
+        backend = create_backend(run.backend)
+        train(run, load_prepared(job["data"]), backend, events)
+    except BaseException as exc:  # every ending becomes a result, KeyboardInterrupt included
+        status = "interrupted" if isinstance(exc, KeyboardInterrupt) else classify_error(exc)
+        events.emit("end", status=status, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+        return 0 if status == "diverged" else 1
+    events.emit("end", status="ok", error="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
