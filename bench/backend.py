@@ -42,7 +42,9 @@ class Backend(Protocol):
         """One logical step on a padded batch; blocks until the device is done."""
         ...
 
-    def evaluate(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float]: ...
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Logits for a batch of any size (the core computes loss and accuracy from them)."""
+        ...
 
     def params(self) -> dict[str, np.ndarray]: ...
 
@@ -111,4 +113,12 @@ def create_backend(name: str) -> Backend:
 
 register_backend(
     BackendInfo("jax", "backends.jax.backend:JaxBackend", ("vmap",), "backends/jax/requirements.txt")
+)
+register_backend(
+    BackendInfo(
+        "opacus",
+        "backends.opacus.backend:OpacusBackend",
+        ("ghost", "hooks", "functorch"),
+        "backends/opacus/requirements.txt",
+    )
 )

@@ -84,6 +84,21 @@ class BatchSource:
         return pad_batch(x, self.data.y_train[idx], self.physical)
 
 
+def cross_entropy(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(-1, keepdims=True)
+    return np.log(np.exp(z).sum(-1)) - z[np.arange(len(y)), y]
+
+
+def evaluate(backend: Backend, x: np.ndarray, y: np.ndarray, batch_size: int) -> tuple[float, float]:
+    """Mean loss and accuracy, computed by the core from the backend's logits."""
+    loss = correct = 0.0
+    for i in range(0, len(y), batch_size):
+        logits = np.asarray(backend.predict(x[i : i + batch_size]), dtype=np.float64)
+        loss += float(cross_entropy(logits, y[i : i + batch_size]).sum())
+        correct += float((logits.argmax(-1) == y[i : i + batch_size]).sum())
+    return loss / len(y), correct / len(y)
+
+
 def train(run: RunSpec, data: Dataset, backend: Backend, events: Events) -> None:
     spec = build_spec(run.model, data.input_shape, data.num_classes)
     source = BatchSource(run, data)
@@ -114,7 +129,7 @@ def train(run: RunSpec, data: Dataset, backend: Backend, events: Events) -> None
                 last_progress = time.perf_counter()
                 events.emit("progress", epoch=epoch, step=step, total_steps=run.total_steps)
         epoch_seconds = time.perf_counter() - epoch_start
-        test_loss, test_acc = backend.evaluate(data.x_test, data.y_test)
+        test_loss, test_acc = evaluate(backend, data.x_test, data.y_test, run.train.eval_batch_size)
         if not math.isfinite(test_loss):
             raise Diverged(f"non-finite test loss {test_loss} after epoch {epoch}")
         events.emit(
