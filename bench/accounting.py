@@ -100,6 +100,8 @@ def calibrate_noise(
     PLD's epsilon is never larger, which keeps the PLD search away from tiny sigmas. The
     PLD search runs on a coarser grid, whose pessimism only errs towards more noise.
     """
+    if accountant not in ("pld", "rdp"):
+        raise ValueError(f"accountant: got {accountant!r}, expected 'pld' or 'rdp'")
     upper = 500.0
     if _rdp().compose(_event(sample_rate, upper, steps)).get_epsilon(delta) > target_epsilon:
         raise CalibrationError(

@@ -46,6 +46,14 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _as_floats(obj: Any, *names: str) -> None:
+    """Store validated numbers as floats, so `1` and `1.0` give the same run_id."""
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None:
+            object.__setattr__(obj, name, float(value))
+
+
 @dataclass(frozen=True, kw_only=True)
 class DatasetSpec:
     """Which data, how much of it, and whether the core augments it.
@@ -113,6 +121,7 @@ class OptimizerSpec:
         _check(_number(self.eps) and self.eps > 0, "optimizer.eps", self.eps, "a positive number")
         if self.name == "adam":
             _check(self.momentum == 0, "optimizer.momentum", self.momentum, "0 for adam (use beta1)")
+        _as_floats(self, "learning_rate", "momentum", "weight_decay", "beta1", "beta2", "eps")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -156,6 +165,7 @@ class DPConfig:
             "a positive number",
         )
         _check(_number(self.delta) and 0 < self.delta < 1, "delta", self.delta, "0 < delta < 1")
+        _as_floats(self, "max_grad_norm", "delta")
         if not self.enabled:
             _check(self.noise_multiplier is None, "noise_multiplier", self.noise_multiplier, "nothing when dp is false")
             _check(self.target_epsilon is None, "target_epsilon", self.target_epsilon, "nothing when dp is false")
@@ -180,6 +190,7 @@ class DPConfig:
                 self.target_epsilon,
                 "a positive number",
             )
+        _as_floats(self, "noise_multiplier", "target_epsilon")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -216,7 +227,7 @@ class RunSpec:
     dataset_size: int = 0  # training examples N after subsetting, filled by the suite loader
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.seed, int) and self.seed >= 0, "seed", self.seed, "an integer >= 0")
+        _check(isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0, "seed", self.seed, "an integer >= 0")
         if self.dataset_size:
             _check(
                 self.train.batch_size <= self.dataset_size,

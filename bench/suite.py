@@ -103,7 +103,7 @@ class _Reader:
             return cls(**kwargs)
         except SpecError as e:
             field = e.path.split(".")[-1]
-            raise self.error(f"{path}.{field}", e.value, e.expected) from None
+            raise self.error(f"{path}.{field}" if path else field, e.value, e.expected) from None
         except TypeError as e:
             raise self.error(path, kwargs, f"valid fields ({e})") from None
 
@@ -179,6 +179,7 @@ def _workload_runs(
         raise r.error(f"{path}.train.batch_size", train.batch_size, f"at most the {n} training examples")
 
     dp_base = r.mapping(w.get("dp", {}), f"{path}.dp", DP_KEYS)
+    r.build(DPConfig, f"{path}.dp", enabled=False, **dp_base)
     perf_raw = r.mapping(w.get("perf", {}), f"{path}.perf", PERF_KEYS)
     perf = r.build(PerfFlags, f"{path}.perf", threads=threads, **perf_raw)
 

@@ -32,7 +32,7 @@ def shuffle_batch(seed: int, step: int, n: int, batch_size: int) -> np.ndarray:
     """The step's slice of a per-epoch permutation; the epoch's last batch may be smaller."""
     per_epoch = math.ceil(n / batch_size)
     epoch, j = divmod(step, per_epoch)
-    return _permutation(seed, epoch, n)[j * batch_size : (j + 1) * batch_size]
+    return _permutation(seed, epoch, n)[j * batch_size : (j + 1) * batch_size].copy()
 
 
 def physical_batch_size(batch_size: int, q: float, poisson: bool) -> int:

@@ -90,7 +90,9 @@ def test_epsilon_monotone_in_noise_steps_and_delta():
 
 def test_epsilon_per_epoch_is_non_decreasing_and_matches_epsilon():
     q, sigma, spe, epochs = 0.02, 1.0, 50, 3
-    per_epoch = epsilon_per_epoch(sample_rate=q, noise_multiplier=sigma, steps_per_epoch=spe, epochs=epochs, delta=DELTA)
+    per_epoch = epsilon_per_epoch(
+        sample_rate=q, noise_multiplier=sigma, steps_per_epoch=spe, epochs=epochs, delta=DELTA
+    )
     assert len(per_epoch) == epochs
     for a, b in zip(per_epoch, per_epoch[1:], strict=False):
         assert b.pld >= a.pld and b.rdp >= a.rdp
@@ -137,11 +139,6 @@ def test_unreachable_target_raises_calibration_error(target):
     assert issubclass(CalibrationError, ValueError)
 
 
-@pytest.mark.xfail(
-    reason="BUG: bench/accounting.py calibrate_noise treats any accountant other than 'rdp' as PLD; an unknown "
-    "accountant name (typo) is silently accepted instead of raising ValueError",
-    strict=True,
-)
 def test_calibration_rejects_unknown_accountant():
     with pytest.raises(ValueError):
         calibrate_noise(target_epsilon=3.0, sample_rate=0.02, steps=100, delta=DELTA, accountant="renyi")

@@ -111,11 +111,6 @@ def test_shuffle_batch_is_deterministic_across_cache_evictions():
     np.testing.assert_array_equal(shuffle_batch(9, 3, 500, 50), first)
 
 
-@pytest.mark.xfail(
-    reason="BUG: bench/data/sampling.py shuffle_batch returns a view into the lru_cached permutation, so a caller "
-    "that modifies its batch in place (e.g. idx.sort()) silently changes later batches of that epoch",
-    strict=True,
-)
 def test_shuffle_batch_is_not_corrupted_by_callers_mutating_it():
     expected = [shuffle_batch(4, j, 100, 10).copy() for j in range(10)]
     batch = shuffle_batch(4, 0, 100, 10)
@@ -160,7 +155,9 @@ def test_pad_batch_shapes_mask_and_contents():
     np.testing.assert_array_equal(mask, np.r_[np.ones(13), np.zeros(3)])
 
 
-@pytest.mark.parametrize("n, physical, rows", [(8, 8, 8), (1, 8, 8), (9, 8, 16), (24, 8, 24), (25, 8, 32), (100, 32, 128)])
+@pytest.mark.parametrize(
+    "n, physical, rows", [(8, 8, 8), (1, 8, 8), (9, 8, 16), (24, 8, 24), (25, 8, 32), (100, 32, 128)]
+)
 def test_pad_batch_rows_are_the_smallest_multiple_of_physical(n, physical, rows):
     xp, yp, mask = pad_batch(np.ones((n, 3), np.float32), np.ones(n, np.int64), physical)
     assert xp.shape[0] == yp.shape[0] == mask.shape[0] == rows

@@ -266,7 +266,9 @@ def test_backend_label():
 
 def rich_run() -> RunSpec:
     return make_run(
-        dataset=DatasetSpec(name="synthetic", train_size=5_000, test_size=500, augment=True, shape=(32, 32, 3), num_classes=5),
+        dataset=DatasetSpec(
+            name="synthetic", train_size=5_000, test_size=500, augment=True, shape=(32, 32, 3), num_classes=5
+        ),
         train=TrainConfig(
             epochs=2,
             batch_size=100,
@@ -365,11 +367,6 @@ def test_identity_does_not_mutate_the_spec():
     assert "suite" in run.to_dict() and "perf" in run.to_dict()
 
 
-@pytest.mark.xfail(
-    reason="BUG: RunSpec.run_id hashes json.dumps of raw values, so noise_multiplier 1 (YAML `1`) and 1.0 "
-    "(YAML `1.0`) give different run_ids for the identical run; resume/skip-by-run_id then misses it",
-    strict=True,
-)
 def test_run_id_does_not_depend_on_int_versus_float_spelling():
     as_int = make_run(dp=DPConfig(noise_multiplier=1, max_grad_norm=1, delta=1e-5))
     as_float = make_run(dp=DPConfig(noise_multiplier=1.0, max_grad_norm=1.0, delta=1e-5))

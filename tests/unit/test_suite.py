@@ -201,7 +201,9 @@ def test_shipped_suites_load(path):
         if r.dp.enabled:
             assert r.dp.noise_multiplier is not None and r.dp.noise_multiplier > 0
         if r.dp.target_epsilon is not None:
-            eps = epsilon(sample_rate=r.sample_rate, noise_multiplier=r.dp.noise_multiplier, steps=r.total_steps, delta=r.dp.delta)
+            eps = epsilon(
+                sample_rate=r.sample_rate, noise_multiplier=r.dp.noise_multiplier, steps=r.total_steps, delta=r.dp.delta
+            )
             assert 0.97 * r.dp.target_epsilon <= eps.pld <= r.dp.target_epsilon
 
 
@@ -260,12 +262,20 @@ ERROR_CASES: list[tuple[str, Mutate, str]] = [
     ("epochs string", set_in(*W, "train", "epochs", value="three"), "workloads[0].train.epochs"),
     ("epochs float", set_in(*W, "train", "epochs", value=2.5), "workloads[0].train.epochs"),
     ("batch string", set_in(*W, "train", "batch_size", value="big"), "workloads[0].train.batch_size"),
-    ("lr string", set_in(*W, "train", "optimizer", "learning_rate", value="fast"), "workloads[0].train.optimizer.learning_rate"),
+    (
+        "lr string",
+        set_in(*W, "train", "optimizer", "learning_rate", value="fast"),
+        "workloads[0].train.optimizer.learning_rate",
+    ),
     ("train not mapping", set_in(*W, "train", value=[1, 2]), "workloads[0].train"),
     ("workload not mapping", set_in("workloads", 0, value="w"), "workloads[0]"),
     ("workload name", set_in(*W, "name", value=""), "workloads[0].name"),
     ("privacy dp string", set_in(*W, "privacy", 0, "dp", value="no"), "workloads[0].privacy[0].dp"),
-    ("noise string", set_in(*W, "privacy", 1, "noise_multiplier", value="high"), "workloads[0].privacy[1].noise_multiplier"),
+    (
+        "noise string",
+        set_in(*W, "privacy", 1, "noise_multiplier", value="high"),
+        "workloads[0].privacy[1].noise_multiplier",
+    ),
     ("seed bool", set_in("seeds", value=[0, True]), "seeds[1]"),
     ("seed negative", set_in("seeds", value=[-1]), "seeds[0]"),
     ("timeout", set_in("timeout", value=-5), "timeout"),
@@ -279,7 +289,9 @@ ERROR_CASES: list[tuple[str, Mutate, str]] = [
     ),
     (
         "batch > subset",
-        lambda d: w0(d).update(dataset={"name": "fashion-mnist", "train_size": 500}, train={"epochs": 1, "batch_size": 600}),
+        lambda d: w0(d).update(
+            dataset={"name": "fashion-mnist", "train_size": 500}, train={"epochs": 1, "batch_size": 600}
+        ),
         "workloads[0].train.batch_size",
     ),
     (
@@ -299,7 +311,11 @@ ERROR_CASES: list[tuple[str, Mutate, str]] = [
         "workloads[0].dataset.shape",
     ),
     ("unknown dataset", set_in(*W, "dataset", value="imagenet"), "workloads[0].dataset.name"),
-    ("negative noise", set_in(*W, "privacy", 1, "noise_multiplier", value=-1.0), "workloads[0].privacy[1].noise_multiplier"),
+    (
+        "negative noise",
+        set_in(*W, "privacy", 1, "noise_multiplier", value=-1.0),
+        "workloads[0].privacy[1].noise_multiplier",
+    ),
     ("zero target", set_in(*W, "privacy", 1, value={"target_epsilon": 0}), "workloads[0].privacy[1].target_epsilon"),
     (
         "unreachable target",
@@ -312,13 +328,21 @@ ERROR_CASES: list[tuple[str, Mutate, str]] = [
         "workloads[0].privacy[1]",
     ),
     ("neither noise nor target", set_in(*W, "privacy", 1, value={"dp": True}), "workloads[0].privacy[1]"),
-    ("dp false with noise", set_in(*W, "privacy", 0, value={"dp": False, "noise_multiplier": 1.0}), "workloads[0].privacy[0]"),
+    (
+        "dp false with noise",
+        set_in(*W, "privacy", 0, value={"dp": False, "noise_multiplier": 1.0}),
+        "workloads[0].privacy[0]",
+    ),
     (
         "target with shuffle",
         lambda d: (w0(d)["dp"].update(sampling="shuffle"), w0(d).update(privacy=[{"target_epsilon": 3.0}])),
         "workloads[0].privacy[0].target_epsilon",
     ),
-    ("adam with momentum", set_in(*W, "train", "optimizer", value={"name": "adam", "momentum": 0.9}), "workloads[0].train.optimizer.momentum"),
+    (
+        "adam with momentum",
+        set_in(*W, "train", "optimizer", value={"name": "adam", "momentum": 0.9}),
+        "workloads[0].train.optimizer.momentum",
+    ),
     ("unknown optimizer", set_in(*W, "train", "optimizer", "name", value="lbfgs"), "workloads[0].train.optimizer.name"),
     ("physical batch", set_in(*W, "perf", value={"physical_batch_size": 0}), "workloads[0].perf.physical_batch_size"),
     ("unknown backend", set_in("backends", value=["jax", "nope"]), "backends[1]"),
@@ -369,12 +393,6 @@ def test_bad_dp_section_raises_suite_error(tmp_path, key, value):
     assert info.value.path.startswith("workloads[0].") and info.value.path.endswith(f".{key}")
 
 
-@pytest.mark.xfail(
-    reason="BUG: bench/suite.py _workload_runs builds DPConfig at path privacy[i], so an invalid value in the "
-    "workload's `dp:` section (delta, max_grad_norm, sampling) is reported at workloads[0].privacy[0].<key> "
-    "instead of workloads[0].dp.<key>",
-    strict=True,
-)
 @pytest.mark.parametrize("key, value", [("delta", 1.0), ("max_grad_norm", -1.0), ("sampling", "uniform")])
 def test_bad_dp_section_names_the_dp_field(tmp_path, key, value):
     data = base_suite()
@@ -391,11 +409,6 @@ def test_bad_threads_raises_suite_error(tmp_path):
     assert info.value.file == str(path) and info.value.path.endswith("threads")
 
 
-@pytest.mark.xfail(
-    reason="BUG: bench/suite.py load_suite calls r.build(PerfFlags, '', threads=...) and _Reader.build joins "
-    "f'{path}.{field}', so a bad top-level `threads` is reported at path '.threads' instead of 'threads'",
-    strict=True,
-)
 def test_bad_threads_names_the_top_level_field(tmp_path):
     data = base_suite()
     data["threads"] = 0

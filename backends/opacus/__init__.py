@@ -1,0 +1,1 @@
+"""Opacus (PyTorch) DP-SGD: per-example gradients by hooks, functorch or ghost clipping."""

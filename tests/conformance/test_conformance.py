@@ -1,0 +1,178 @@
+"""The identical-workload contract, proven across backends (../shared/DESIGN.md).
+
+Every installed backend/variant is driven on the same canonical weights and batches and
+compared with the JAX vmap reference: logits, one and three DP steps with sigma = 0
+(clipping, summing, normalisation by the expected batch size, sgd+momentum+L2 and adam),
+non-private steps, padded rows, and the noise of a DP step on an empty Poisson batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from bench.models import build_spec, init_params, num_params
+from tests.conformance import harness as h
+
+pytestmark = pytest.mark.conformance
+
+LABELS = h.installed_labels()
+OTHERS = [label for label in LABELS if label != h.REFERENCE]
+MODEL_NAMES = [name for name, _, _ in h.MODELS]
+NOISE_SIGMA, NOISE_C, NOISE_LR = 1.0, 1.0, 1.0
+
+# fp32 tolerances: different kernels (XLA vs. MKL-DNN convolutions, summation orders)
+# agree to ~1e-6 relative; a contract violation (wrong clip, divisor, layout) is >= 1e-2.
+LOGITS_TOL = dict(rtol=1e-4, atol=1e-5)
+PARAMS_TOL = dict(rtol=1e-4, atol=2e-6)
+
+if h.REFERENCE not in LABELS:
+    pytest.skip("the JAX reference environment is not installed (make setup)", allow_module_level=True)
+
+
+def _shape(model_case: str) -> tuple[str, tuple[int, int, int]]:
+    _, model, shape = next(m for m in h.MODELS if m[0] == model_case)
+    return model, shape
+
+
+@pytest.fixture(scope="session")
+def inputs(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("conformance")
+    arrays = h.make_inputs()
+    path = workdir / "inputs.npz"
+    np.savez(path, **arrays)
+    return workdir, path, arrays
+
+
+@pytest.fixture(scope="session")
+def clip_norms(inputs) -> dict[str, tuple[float, np.ndarray]]:
+    """Per model: C = the median per-example gradient norm of the first batch, and the norms."""
+    workdir, path, _ = inputs
+    cases = []
+    for name in MODEL_NAMES:
+        model, shape = _shape(name)
+        run = h.base_run(h.REFERENCE, model, noise_multiplier=0.0)
+        cases.append(h.case(f"{name}/norms", run, shape, norms=[f"{name}/x0", f"{name}/y0"]))
+    out, errors = h.run_probe(h.REFERENCE, cases, path, workdir / "norms")
+    assert not errors, errors
+    result = {}
+    for name in MODEL_NAMES:
+        norms = out[f"{name}/norms/norms"][: h.REAL_ROWS]
+        result[name] = (float(np.median(norms)), norms)
+    return result
+
+
+def _cases(label: str, clip: dict[str, tuple[float, np.ndarray]]) -> list[dict]:
+    cases = []
+    for name in MODEL_NAMES:
+        model, shape = _shape(name)
+        c = clip[name][0]
+        dp0 = h.base_run(label, model, noise_multiplier=0.0, max_grad_norm=c)
+        sgd = h.with_optimizer(dp0, name="sgd", learning_rate=0.1, momentum=0.9, weight_decay=1e-3)
+        adam = h.with_optimizer(dp0, name="adam", learning_rate=1e-3)
+        nonprivate = h.with_optimizer(
+            h.base_run(label, model, enabled=False), name="sgd", learning_rate=0.1, momentum=0.9
+        )
+        noisy = h.with_optimizer(
+            h.base_run(label, model, noise_multiplier=NOISE_SIGMA, max_grad_norm=NOISE_C),
+            name="sgd",
+            learning_rate=NOISE_LR,
+        )
+        cases += [
+            h.case(f"{name}/logits", dp0, shape, logits=f"{name}/logits_x"),
+            h.case(f"{name}/sgd", sgd, shape, steps=h.steps(name)),
+            h.case(f"{name}/sgd_zero", sgd, shape, steps=h.steps(name, zero=True, n=1)),
+            h.case(f"{name}/adam", adam, shape, steps=h.steps(name)),
+            h.case(f"{name}/nonprivate", nonprivate, shape, steps=h.steps(name)),
+            h.case(f"{name}/noise", noisy, shape, steps=h.steps(name, mask="empty_mask", n=1)),
+        ]
+    return cases
+
+
+@pytest.fixture(scope="session")
+def outputs(inputs, clip_norms):
+    """label -> (arrays, errors) for every installed backend/variant, one probe process each."""
+    workdir, path, _ = inputs
+    return {label: h.run_probe(label, _cases(label, clip_norms), path, workdir) for label in LABELS}
+
+
+def _get(outputs, label: str, key: str) -> np.ndarray:
+    arrays, errors = outputs[label]
+    cid = key.split("/step")[0] if "/step" in key else key.rsplit("/", 1)[0]
+    if cid in errors:
+        pytest.fail(f"{label} failed case {cid}: {errors[cid]}")
+    return arrays[key]
+
+
+def _params_at(outputs, label: str, cid: str, step: int) -> dict[str, np.ndarray]:
+    arrays, errors = outputs[label]
+    if cid in errors:
+        pytest.fail(f"{label} failed case {cid}: {errors[cid]}")
+    prefix = f"{cid}/step{step}/"
+    return {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix) and not k.endswith("/stats")}
+
+
+def _assert_params_close(actual: dict, expected: dict, what: str, tol=PARAMS_TOL) -> None:
+    assert sorted(actual) == sorted(expected), f"{what}: parameter names differ"
+    for name in expected:
+        np.testing.assert_allclose(actual[name], expected[name], err_msg=f"{what}: {name}", **tol)
+
+
+def test_clip_norm_splits_the_batch(clip_norms):
+    """The DP-step tests clip some examples and leave others unclipped."""
+    for name, (c, norms) in clip_norms.items():
+        assert (norms > c * 1.01).any() and (norms < c * 0.99).any(), (name, c, norms)
+
+
+@pytest.mark.parametrize("model", MODEL_NAMES)
+@pytest.mark.parametrize("label", OTHERS)
+def test_logits_match_reference(outputs, label, model):
+    expected = _get(outputs, h.REFERENCE, f"{model}/logits/logits")
+    actual = _get(outputs, label, f"{model}/logits/logits")
+    np.testing.assert_allclose(actual, expected, **LOGITS_TOL)
+
+
+@pytest.mark.parametrize("step", [1, 3])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "nonprivate"])
+@pytest.mark.parametrize("model", MODEL_NAMES)
+@pytest.mark.parametrize("label", OTHERS)
+def test_steps_match_reference(outputs, label, model, optimizer, step):
+    cid = f"{model}/{optimizer}"
+    expected = _params_at(outputs, h.REFERENCE, cid, step)
+    _assert_params_close(_params_at(outputs, label, cid, step), expected, f"{label} {cid} step {step}")
+    stats = _get(outputs, label, f"{cid}/step{step}/stats")
+    ref_stats = _get(outputs, h.REFERENCE, f"{cid}/step{step}/stats")
+    np.testing.assert_allclose(stats, ref_stats, rtol=1e-4, atol=1e-6)
+    assert stats[2] == h.REAL_ROWS
+
+
+@pytest.mark.parametrize("model", MODEL_NAMES)
+@pytest.mark.parametrize("label", LABELS)
+def test_padded_rows_change_nothing(outputs, label, model):
+    garbage = _params_at(outputs, label, f"{model}/sgd", 1)
+    zeros = _params_at(outputs, label, f"{model}/sgd_zero", 1)
+    _assert_params_close(garbage, zeros, f"{label} {model}: garbage vs zero padding", dict(rtol=1e-6, atol=1e-7))
+
+
+@pytest.mark.parametrize("model", MODEL_NAMES)
+@pytest.mark.parametrize("label", LABELS)
+def test_empty_batch_update_is_pure_noise(outputs, label, model):
+    """With no example in the batch, the update is lr * N(0, sigma^2 C^2) / (q N) per coordinate.
+
+    The sample standard deviation of n iid normals has relative standard error
+    1/sqrt(2(n-1)); we allow 5 of them (a false alarm about once in 3.5 million runs).
+    """
+    name, shape = _shape(model)
+    init = init_params(build_spec(name, shape, h.NUM_CLASSES), 0)
+    after = _params_at(outputs, label, f"{model}/noise", 1)
+    update = np.concatenate([(after[k] - init[k]).ravel() for k in sorted(init)]).astype(np.float64)
+    n = update.size
+    assert n == num_params(build_spec(name, shape, h.NUM_CLASSES))
+    expected_std = NOISE_LR * NOISE_SIGMA * NOISE_C / h.EXPECTED_BATCH
+    rel_se = 1 / math.sqrt(2 * (n - 1))
+    assert abs(update.std() / expected_std - 1) < 5 * rel_se, (update.std(), expected_std)
+    assert abs(update.mean()) < 5 * expected_std / math.sqrt(n)
+    stats = _get(outputs, label, f"{model}/noise/step1/stats")
+    assert stats[2] == 0
