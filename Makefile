@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-BACKENDS ?= jax
+BACKENDS ?= jax opacus
 PYTEST_ARGS ?=
 
 .PHONY: setup envs data demo test lint format clean

@@ -68,12 +68,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from bench.progress import SweepProgress
 
     with SweepProgress(len(suite.runs)) as progress:
-        runner = Runner(
-            results, env=args.env, timeout=args.timeout, log=progress.log, on_progress=progress.on_event
-        )
+        runner = Runner(results, env=args.env, timeout=args.timeout, log=progress.log, on_progress=progress.on_event)
         progress.describe = describe_run
         try:
-            outcomes = runner.run_suite(suite, force=args.force, retry_failed=args.retry_failed, on_start=progress.start)
+            outcomes = runner.run_suite(
+                suite, force=args.force, retry_failed=args.retry_failed, on_start=progress.start
+            )
         except KeyboardInterrupt:
             progress.log(f"interrupted: finished runs are kept in {results}; run the same command again to resume")
             return 130
@@ -89,6 +89,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     from bench.data import loaders
 
     if args.download:
+
         def progress(done: int, total: int | None) -> None:
             pct = f" {100 * done / total:.0f}%" if total else ""
             print(f"\r  {done / 2**20:.1f} MiB{pct}", end="", file=sys.stderr)

@@ -8,7 +8,7 @@ Padding is explicit and symmetric (PyTorch style), so every framework can expres
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal
 
 import numpy as np
 
@@ -69,7 +69,7 @@ class Residual:
     shortcut: tuple[Layer, ...] = ()
 
 
-Layer = Union[Conv, Dense, Act, MaxPool, GroupNorm, GlobalAvgPool, Flatten, Residual]
+Layer = Conv | Dense | Act | MaxPool | GroupNorm | GlobalAvgPool | Flatten | Residual
 
 
 @dataclass(frozen=True)
@@ -158,7 +158,9 @@ def build_spec(name: str, input_shape: tuple[int, int, int], num_classes: int) -
         elif (h, w) == (28, 28):
             layers = _cnn_small("relu" if name == "cnn-mnist" else "tanh", num_classes)
         else:
-            raise ValueError(f"model {name!r} needs 28x28 inputs{' or 32x32' if name == 'cnn-tanh' else ''}, got {h}x{w}")
+            raise ValueError(
+                f"model {name!r} needs 28x28 inputs{' or 32x32' if name == 'cnn-tanh' else ''}, got {h}x{w}"
+            )
     elif name == "resnet18-gn":
         if h < 32 or w < 32:
             raise ValueError(f"model 'resnet18-gn' needs inputs of at least 32x32, got {h}x{w}")

@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -145,8 +145,8 @@ def build_rows(run: RunSpec, events: list[dict[str, Any]], status: str, error: s
         "hardware": _hardware(),
         "threads": run.perf.threads,
         "git_commit": _git_commit(),
-        "started_at": datetime.fromtimestamp(started, timezone.utc),
-        "finished_at": datetime.now(timezone.utc),
+        "started_at": datetime.fromtimestamp(started, UTC),
+        "finished_at": datetime.now(UTC),
         "spec": json.dumps(run.to_dict(), sort_keys=True),
     }
     if not epochs:

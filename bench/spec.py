@@ -108,7 +108,9 @@ class OptimizerSpec:
             self.learning_rate,
             "a positive number",
         )
-        _check(_number(self.momentum) and 0 <= self.momentum < 1, "optimizer.momentum", self.momentum, "0 <= momentum < 1")
+        _check(
+            _number(self.momentum) and 0 <= self.momentum < 1, "optimizer.momentum", self.momentum, "0 <= momentum < 1"
+        )
         _check(
             _number(self.weight_decay) and self.weight_decay >= 0,
             "optimizer.weight_decay",
@@ -227,7 +229,12 @@ class RunSpec:
     dataset_size: int = 0  # training examples N after subsetting, filled by the suite loader
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0, "seed", self.seed, "an integer >= 0")
+        _check(
+            isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
+            "seed",
+            self.seed,
+            "an integer >= 0",
+        )
         if self.dataset_size:
             _check(
                 self.train.batch_size <= self.dataset_size,

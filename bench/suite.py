@@ -219,9 +219,7 @@ def _workload_runs(
             dp = dataclasses.replace(dp, noise_multiplier=round(sigma, 6))
         for backend, variant in backends:
             for seed in seeds:
-                runs.append(
-                    dataclasses.replace(probe, dp=dp, backend=backend, variant=variant, seed=seed, perf=perf)
-                )
+                runs.append(dataclasses.replace(probe, dp=dp, backend=backend, variant=variant, seed=seed, perf=perf))
     return runs
 
 

@@ -177,9 +177,7 @@ class JaxBackend:
         )
         self._step += 1
         n = float(count)  # blocks until the step is done
-        return StepStats(
-            loss=float(loss) / n if n else 0.0, accuracy=float(correct) / n if n else 0.0, examples=int(n)
-        )
+        return StepStats(loss=float(loss) / n if n else 0.0, accuracy=float(correct) / n if n else 0.0, examples=int(n))
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         n, bs = len(x), self.run.train.eval_batch_size

@@ -254,9 +254,7 @@ def _load_idx_split(images: Path, labels: Path, num_classes: int) -> tuple[np.nd
     if x.shape[1:] != (28, 28):
         raise DataFormatError(f"{images}: images are {x.shape[1:]}, expected 28x28")
     if len(x) != len(y):
-        raise DataFormatError(
-            f"{labels}: {len(y)} labels but {images} has {len(x)} images; expected equal counts"
-        )
+        raise DataFormatError(f"{labels}: {len(y)} labels but {images} has {len(x)} images; expected equal counts")
     if len(y) and (y.max() >= num_classes):
         raise DataFormatError(f"{labels}: label {y.max()} out of range, expected 0..{num_classes - 1}")
     return x[..., None], y
@@ -461,9 +459,7 @@ def _extract_tar(archive: Path, dest: Path) -> None:
             for m in members:
                 parts = PurePosixPath(m.name).parts
                 if m.name.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
-                    raise DataFormatError(
-                        f"{archive}: unsafe member path {m.name!r}, expected a relative path"
-                    )
+                    raise DataFormatError(f"{archive}: unsafe member path {m.name!r}, expected a relative path")
                 if not (m.isfile() or m.isdir()):
                     raise DataFormatError(f"{archive}: member {m.name!r} is not a regular file or directory")
             root = dest.resolve()

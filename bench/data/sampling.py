@@ -47,9 +47,7 @@ def physical_batch_size(batch_size: int, q: float, poisson: bool) -> int:
     return max(8, math.ceil((batch_size + 4 * sd) / 8) * 8)
 
 
-def pad_batch(
-    x: np.ndarray, y: np.ndarray, physical: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def pad_batch(x: np.ndarray, y: np.ndarray, physical: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pad to the smallest multiple of `physical` rows (at least one); mask is 1 on real rows."""
     n = x.shape[0]
     rows = max(1, math.ceil(n / physical)) * physical

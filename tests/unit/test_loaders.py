@@ -220,9 +220,7 @@ def test_cifar_unpickling_problems(tmp_path, monkeypatch):
     (root / "test_batch").write_bytes(pickle.dumps({b"data": Evil(), b"labels": []}))
     with pytest.raises(DataFormatError, match="refusing"):
         load_raw("cifar10")
-    (root / "test_batch").write_bytes(
-        pickle.dumps({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]})
-    )
+    (root / "test_batch").write_bytes(pickle.dumps({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}))
     with pytest.raises(DataFormatError, match="3072"):
         load_raw("cifar10")
 
@@ -254,9 +252,7 @@ def test_download_idx_file_url(tmp_path, monkeypatch):
 
 def test_download_sha256_accepted(tmp_path, monkeypatch):
     data = b"hello"
-    serve(
-        tmp_path, monkeypatch, "mnist", {"f.gz": data}, {"f.gz": "sha256:" + hashlib.sha256(data).hexdigest()}
-    )
+    serve(tmp_path, monkeypatch, "mnist", {"f.gz": data}, {"f.gz": "sha256:" + hashlib.sha256(data).hexdigest()})
     assert (download("mnist", tmp_path / "out") / "f.gz").read_bytes() == data
 
 
