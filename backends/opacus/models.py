@@ -54,7 +54,12 @@ class ZooNet(nn.Module):
         object.__setattr__(self, "named", named)  # a plain dict: not registered twice as submodules
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x.permute(0, 3, 1, 2).contiguous())
+        # A fresh NCHW-contiguous copy, not .contiguous(): for C == 1 the permuted view already counts
+        # as contiguous but has channels-last strides, so the convolutions return channels-last
+        # activations, and Opacus' unfold2d (hooks and ghost Conv2d grad samplers) silently computes
+        # wrong per-sample gradients for channels-last inputs of an unpadded conv (as_strided assumes
+        # NCHW-contiguous memory).
+        return self.layers(x.permute(0, 3, 1, 2).clone(memory_format=torch.contiguous_format))
 
 
 def _build(
@@ -166,5 +171,6 @@ def canonical_params(net: ZooNet) -> dict[str, np.ndarray]:
     for name, mod in net.named.items():
         for kind in _kinds(mod):
             value = _torch_param(mod, kind).detach().cpu().numpy()
-            out[f"{name}/{kind}"] = np.ascontiguousarray(_from_torch_layout(mod, kind, value))
+            # np.array copies: on CPU .numpy() shares memory with the parameter the optimizer updates in place
+            out[f"{name}/{kind}"] = np.array(_from_torch_layout(mod, kind, value), order="C")
     return out

@@ -23,10 +23,19 @@ OTHERS = [label for label in LABELS if label != h.REFERENCE]
 MODEL_NAMES = [name for name, _, _ in h.MODELS]
 NOISE_SIGMA, NOISE_C, NOISE_LR = 1.0, 1.0, 1.0
 
-# fp32 tolerances: different kernels (XLA vs. MKL-DNN convolutions, summation orders)
+# fp32 tolerances: different kernels (XLA vs. oneDNN convolutions, summation orders)
 # agree to ~1e-6 relative; a contract violation (wrong clip, divisor, layout) is >= 1e-2.
 LOGITS_TOL = dict(rtol=1e-4, atol=1e-5)
 PARAMS_TOL = dict(rtol=1e-4, atol=2e-6)
+# ResNet-18 (11M parameters): torch's CPU float32 `norm(dim=...)` accumulates in float32,
+# so Opacus' per-example norms are off by ~1e-5 relative and after three steps parameters
+# differ by up to 1.5e-5 (JAX is 1.1e-7 from a float64 reference, Opacus 7.7e-7).
+MODEL_PARAMS_TOL = {"resnet18-gn": dict(rtol=1e-4, atol=5e-5)}
+# Adam's g / (sqrt(v) + eps) turns float32 rounding of near-zero gradient coordinates
+# (~1e-8) into a sizeable share of the learning rate, so a tiny eps makes the comparison
+# chaotic (the same backend differs from itself by 1e-2 under a 1e-6 input change). A
+# well-conditioned eps still checks the moments, bias correction and coupled L2.
+ADAM_EPS = 1e-3
 
 if h.REFERENCE not in LABELS:
     pytest.skip("the JAX reference environment is not installed (make setup)", allow_module_level=True)
@@ -71,7 +80,7 @@ def _cases(label: str, clip: dict[str, tuple[float, np.ndarray]]) -> list[dict]:
         c = clip[name][0]
         dp0 = h.base_run(label, model, noise_multiplier=0.0, max_grad_norm=c)
         sgd = h.with_optimizer(dp0, name="sgd", learning_rate=0.1, momentum=0.9, weight_decay=1e-3)
-        adam = h.with_optimizer(dp0, name="adam", learning_rate=1e-3)
+        adam = h.with_optimizer(dp0, name="adam", learning_rate=1e-3, eps=ADAM_EPS, weight_decay=1e-3)
         nonprivate = h.with_optimizer(
             h.base_run(label, model, enabled=False), name="sgd", learning_rate=0.1, momentum=0.9
         )
@@ -141,7 +150,8 @@ def test_logits_match_reference(outputs, label, model):
 def test_steps_match_reference(outputs, label, model, optimizer, step):
     cid = f"{model}/{optimizer}"
     expected = _params_at(outputs, h.REFERENCE, cid, step)
-    _assert_params_close(_params_at(outputs, label, cid, step), expected, f"{label} {cid} step {step}")
+    tol = MODEL_PARAMS_TOL.get(model, PARAMS_TOL)
+    _assert_params_close(_params_at(outputs, label, cid, step), expected, f"{label} {cid} step {step}", tol)
     stats = _get(outputs, label, f"{cid}/step{step}/stats")
     ref_stats = _get(outputs, h.REFERENCE, f"{cid}/step{step}/stats")
     np.testing.assert_allclose(stats, ref_stats, rtol=1e-4, atol=1e-6)
