@@ -219,7 +219,7 @@ class Runner:
 
     def execute(self, run: RunSpec, timeout: float) -> Outcome:
         path = result_path(self.results_dir, run.suite, run.run_id)
-        logs = path.parent / "logs"
+        logs = path.parent / "_logs"  # "_" keeps pyarrow/pandas dataset reads to the Parquet files
         logs.mkdir(parents=True, exist_ok=True)
         events_path = logs / f"{run.run_id}.events.jsonl"
         events_path.unlink(missing_ok=True)

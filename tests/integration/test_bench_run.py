@@ -60,7 +60,7 @@ def test_run_succeeds_and_writes_one_file_per_run(finished):
         table = pq.read_table(f)
         assert table.schema.equals(SCHEMA)
         assert table.num_rows == 3  # one row per epoch
-    assert (root / "results" / "tiny" / "logs").is_dir()
+    assert (root / "results" / "tiny" / "_logs").is_dir()
 
 
 def test_rows_are_consistent(finished):
