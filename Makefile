@@ -23,7 +23,7 @@ envs: $(BIN)/.installed
 setup: $(BIN)/.installed data envs
 
 demo: setup
-	time $(BIN)/bench run quickstart
+	$(BIN)/bench run quickstart
 	$(BIN)/bench run quickstart --dry-run
 
 test: setup

@@ -65,8 +65,11 @@ def cmd_run(args: argparse.Namespace) -> int:
                 f"{run.sample_rate:>8.4g} {run.total_steps:>7} {_fmt(projected_epsilon(run)):>8}  {status}"
             )
         return 0
+    import time
+
     from bench.progress import SweepProgress
 
+    started = time.perf_counter()
     with SweepProgress(len(suite.runs)) as progress:
         runner = Runner(results, env=args.env, timeout=args.timeout, log=progress.log, on_progress=progress.on_event)
         progress.describe = describe_run
@@ -81,7 +84,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     for o in outcomes:
         counts[o.status] = counts.get(o.status, 0) + 1
     summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-    print(f"{len(outcomes)} runs: {summary}. Results in {results / outcomes[0].path.parent.name}" if outcomes else "")
+    minutes, seconds = divmod(time.perf_counter() - started, 60)
+    if outcomes:
+        where = results / outcomes[0].path.parent.name
+        print(f"{len(outcomes)} runs: {summary} in {minutes:.0f}m{seconds:02.0f}s. Results in {where}")
     return 0 if all(o.status == "ok" for o in outcomes) else 1
 
 
