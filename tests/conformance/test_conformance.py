@@ -30,7 +30,17 @@ PARAMS_TOL = dict(rtol=1e-4, atol=2e-6)
 # ResNet-18 (11M parameters): torch's CPU float32 `norm(dim=...)` accumulates in float32,
 # so Opacus' per-example norms are off by ~1e-5 relative and after three steps parameters
 # differ by up to 1.5e-5 (JAX is 1.1e-7 from a float64 reference, Opacus 7.7e-7).
-MODEL_PARAMS_TOL = {"resnet18-gn": dict(rtol=1e-4, atol=5e-5)}
+# Gradients then agree to ~5e-4; SGD (lr 0.1) turns that into 5e-5 of parameter, Adam
+# (lr / eps = 1, see below) into 5e-4: the same gradient-level tolerance for both.
+MODEL_PARAMS_TOL = {
+    ("resnet18-gn", "sgd"): dict(rtol=1e-4, atol=5e-5),
+    ("resnet18-gn", "nonprivate"): dict(rtol=1e-4, atol=5e-5),
+    ("resnet18-gn", "adam"): dict(rtol=1e-4, atol=5e-4),
+}
+# After three Adam steps on ResNet-18 a few coordinates (0.03%) whose gradient is near zero
+# differ by up to one learning rate: float32 noise decides the sign of m there. A contract
+# violation (clip, divisor, noise, L2) moves most coordinates, so there we bound the share.
+ILL_CONDITIONED = {("resnet18-gn", "adam", 3): 1e-3}
 # Adam's g / (sqrt(v) + eps) turns float32 rounding of near-zero gradient coordinates
 # (~1e-8) into a sizeable share of the learning rate, so a tiny eps makes the comparison
 # chaotic (the same backend differs from itself by 1e-2 under a 1e-6 input change). A
@@ -150,11 +160,19 @@ def test_logits_match_reference(outputs, label, model):
 def test_steps_match_reference(outputs, label, model, optimizer, step):
     cid = f"{model}/{optimizer}"
     expected = _params_at(outputs, h.REFERENCE, cid, step)
-    tol = MODEL_PARAMS_TOL.get(model, PARAMS_TOL)
-    _assert_params_close(_params_at(outputs, label, cid, step), expected, f"{label} {cid} step {step}", tol)
+    tol = MODEL_PARAMS_TOL.get((model, optimizer), PARAMS_TOL)
+    actual = _params_at(outputs, label, cid, step)
+    share = ILL_CONDITIONED.get((model, optimizer, step))
+    if share is None:
+        _assert_params_close(actual, expected, f"{label} {cid} step {step}", tol)
+    else:
+        a, e = (np.concatenate([p[k].ravel() for k in sorted(expected)]) for p in (actual, expected))
+        off = np.abs(a - e) > tol["atol"] + tol["rtol"] * np.abs(e)
+        assert off.mean() < share, f"{label} {cid} step {step}: {off.mean():.2%} of coordinates differ"
+        assert np.abs(a - e).max() <= 2 * step * 1e-3, "a coordinate moved further than Adam can move it"
     stats = _get(outputs, label, f"{cid}/step{step}/stats")
     ref_stats = _get(outputs, h.REFERENCE, f"{cid}/step{step}/stats")
-    np.testing.assert_allclose(stats, ref_stats, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(stats, ref_stats, rtol=1e-4 if share is None else 1e-3, atol=1e-6)
     assert stats[2] == h.REAL_ROWS
 
 
