@@ -64,14 +64,19 @@ def _chunks(physical: int, *arrays: jax.Array) -> tuple[jax.Array, ...]:
     return tuple(a.reshape(a.shape[0] // physical, physical, *a.shape[1:]) for a in arrays)
 
 
-def make_clipped_sum(apply: Callable, max_norm: float) -> Callable:
-    """(params, x, y, mask) -> (sum of clipped per-example grads, loss sum, correct count)."""
+def per_example_grads(apply: Callable) -> Callable:
+    """(params, x, y) -> (per-example gradients, logits), by vmap over single-example grads."""
 
     def loss_one(p: Params, x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
         logits = apply(p, x[None])[0]
         return cross_entropy(logits, y), logits
 
-    grad_one = jax.vmap(jax.grad(loss_one, has_aux=True), in_axes=(None, 0, 0))
+    return jax.vmap(jax.grad(loss_one, has_aux=True), in_axes=(None, 0, 0))
+
+
+def make_clipped_sum(apply: Callable, max_norm: float) -> Callable:
+    """(params, x, y, mask) -> (sum of clipped per-example grads, loss sum, correct count)."""
+    grad_one = per_example_grads(apply)
 
     def clipped_sum(params: Params, x: jax.Array, y: jax.Array, mask: jax.Array):
         grads, logits = grad_one(params, x, y)
@@ -187,8 +192,8 @@ class JaxBackend:
 
     def per_example_grad_norms(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Reference per-example gradient norms (used by tests/conformance to pick C)."""
-        grads = jax.vmap(jax.grad(lambda p, xi, yi: cross_entropy(self._model_apply(p, xi[None])[0], yi)), (None, 0, 0))
-        return np.asarray(global_norms(grads(self._params, x, y.astype(np.int32))))
+        grads, _ = per_example_grads(self._model_apply)(self._params, x, y.astype(np.int32))
+        return np.asarray(global_norms(grads))
 
     def params(self) -> dict[str, np.ndarray]:
         return {k: np.asarray(v) for k, v in self._params.items()}
