@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-BACKENDS ?= jax opacus
+BACKENDS ?= jax opacus tf_privacy
 PYTEST_ARGS ?=
 
 .PHONY: setup envs data demo test lint format clean

@@ -59,6 +59,13 @@ class Backend(Protocol):
         ...
 
 
+class Unsupported(Exception):
+    """A backend/variant cannot run this workload (e.g. a model layer it has no per-example rule for).
+
+    Raised from `build`; the run ends with status "unsupported" and this message, not as a failure.
+    """
+
+
 @dataclass(frozen=True)
 class BackendInfo:
     name: str
@@ -118,5 +125,13 @@ register_backend(
         "backends.opacus.backend:OpacusBackend",
         ("ghost", "hooks", "functorch"),
         "backends/opacus/requirements.txt",
+    )
+)
+register_backend(
+    BackendInfo(
+        "tf_privacy",
+        "backends.tf_privacy.backend:TFPrivacyBackend",
+        ("vectorized", "keras", "fast", "vectorized-xla", "keras-xla", "fast-xla"),
+        "backends/tf_privacy/requirements.txt",
     )
 )

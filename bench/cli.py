@@ -6,9 +6,16 @@ import argparse
 import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bench.spec import SpecError
+
+if TYPE_CHECKING:
+    from bench.runner import ProbeResult
+    from bench.spec import RunSpec
+    from bench.suite import Suite
 
 EXIT_USAGE = 2
 
@@ -45,33 +52,122 @@ def _fmt(x: float | None, spec: str = ".3g") -> str:
     return "inf" if math.isinf(x) else format(x, spec)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def _positive(kind: type, flag: str) -> Callable[[str], float]:
+    def parse(value: str) -> float:
+        try:
+            number = kind(value)
+        except ValueError:
+            number = None
+        if number is None or not number > 0:
+            raise argparse.ArgumentTypeError(f"{flag}: got {value!r}, expected a number > 0")
+        return number
+
+    return parse
+
+
+def format_duration(seconds: float) -> str:
+    """3.2s, 42s, 3m20s, 2h05m."""
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def _probe_line(result: ProbeResult) -> str:
+    if result.status != "ok":
+        return f"{result.status}: {(result.error.splitlines() or [''])[0]}"
+    return (
+        f"{result.step_seconds:.3g} s/step (first step {result.first_step_seconds:.3g} s, "
+        f"start-up and build {result.startup_seconds:.1f} s)"
+    )
+
+
+def _probe_suite(suite: Suite, results: Path, args: argparse.Namespace) -> dict[str, ProbeResult]:
+    """One probe per distinct per-step cost (see `probe_key`), shared by the runs it stands for."""
+    from bench.runner import Runner, probe_key
+
+    runner = Runner(results, env=args.env, memory_limit_gb=args.memory_limit)
+    memory_limit = args.memory_limit or suite.memory_limit_gb
+    probes: dict[tuple, ProbeResult] = {}
+    for run in suite.runs:
+        key = probe_key(run)
+        if key in probes:
+            continue
+        privacy = "dp" if run.dp.enabled else "non-private"
+        print(f"probing {run.backend_label} {run.workload} {run.model} {privacy} ...", end=" ", flush=True)
+        probes[key] = runner.probe(run, args.probe_steps, args.probe_timeout, memory_limit)
+        print(_probe_line(probes[key]), flush=True)
+    return {run.run_id: probes[probe_key(run)] for run in suite.runs}
+
+
+def _projection(run: RunSpec, probe: ProbeResult) -> str:
+    seconds = probe.projected_seconds(run.total_steps)
+    return probe.status if seconds is None else format_duration(seconds)
+
+
+def _print_over_timeout(suite: Suite, probes: dict[str, ProbeResult], timeout: float) -> None:
+    over = [r.run_id for r in suite.runs if (probes[r.run_id].projected_seconds(r.total_steps) or 0) > timeout]
+    if over:
+        runs = "1 run would" if len(over) == 1 else f"{len(over)} runs would"
+        print(
+            f"{runs} exceed the per-run timeout of {format_duration(timeout)} "
+            f"(they will end as timeout): {', '.join(over)}"
+        )
+
+
+def _dry_run(suite: Suite, results: Path, args: argparse.Namespace) -> int:
     from bench.results import read_status, result_path
-    from bench.runner import Runner, describe_run, projected_epsilon
+    from bench.runner import projected_epsilon
+
+    try:
+        probes = _probe_suite(suite, results, args) if args.probe else None
+    except KeyboardInterrupt:
+        print("\ninterrupted")
+        return 130
+    print(f"suite {suite.name!r} ({suite.path}): {len(suite.runs)} runs, results in {results}")
+    header = f"{'run_id':<16} {'workload':<20} {'backend':<25} {'seed':>4} {'dp':>3} {'sigma':>8} "
+    header += f"{'q':>8} {'steps':>7} {'epsilon':>8}  "
+    print(header + (f"{'projected':>10}  " if probes is not None else "") + "status")
+    for run in suite.runs:
+        path = result_path(results, run.suite, run.run_id)
+        status = (read_status(path) or "unreadable") if path.exists() else "pending"
+        projected = f"{_projection(run, probes[run.run_id]):>10}  " if probes is not None else ""
+        print(
+            f"{run.run_id:<16} {run.workload[:20]:<20} {run.backend_label[:25]:<25} {run.seed:>4} "
+            f"{'yes' if run.dp.enabled else 'no':>3} {_fmt(run.dp.noise_multiplier, '.4g'):>8} "
+            f"{run.sample_rate:>8.4g} {run.total_steps:>7} {_fmt(projected_epsilon(run)):>8}  {projected}{status}"
+        )
+    if probes is not None:
+        _print_over_timeout(suite, probes, args.timeout or suite.timeout)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from bench.runner import Runner, describe_run
     from bench.suite import load_suite
 
     suite = load_suite(args.suite, backends=args.backends, seeds=args.seeds)
     results = _results_dir(args.results)
     if args.dry_run:
-        print(f"suite {suite.name!r} ({suite.path}): {len(suite.runs)} runs, results in {results}")
-        header = f"{'run_id':<16} {'workload':<20} {'backend':<16} {'seed':>4} {'dp':>3} {'sigma':>8} "
-        print(header + f"{'q':>8} {'steps':>7} {'epsilon':>8}  status")
-        for run in suite.runs:
-            path = result_path(results, run.suite, run.run_id)
-            status = (read_status(path) or "unreadable") if path.exists() else "pending"
-            print(
-                f"{run.run_id:<16} {run.workload[:20]:<20} {run.backend_label[:16]:<16} {run.seed:>4} "
-                f"{'yes' if run.dp.enabled else 'no':>3} {_fmt(run.dp.noise_multiplier, '.4g'):>8} "
-                f"{run.sample_rate:>8.4g} {run.total_steps:>7} {_fmt(projected_epsilon(run)):>8}  {status}"
-            )
-        return 0
+        return _dry_run(suite, results, args)
     import time
 
     from bench.progress import SweepProgress
 
     started = time.perf_counter()
     with SweepProgress(len(suite.runs)) as progress:
-        runner = Runner(results, env=args.env, timeout=args.timeout, log=progress.log, on_progress=progress.on_event)
+        runner = Runner(
+            results,
+            env=args.env,
+            timeout=args.timeout,
+            memory_limit_gb=args.memory_limit,
+            log=progress.log,
+            on_progress=progress.on_event,
+        )
         progress.describe = describe_run
         try:
             outcomes = runner.run_suite(
@@ -177,10 +273,42 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--backends", help="comma-separated, e.g. jax,opacus:ghost (overrides the suite)")
     r.add_argument("--seeds", type=_seeds, help="comma-separated seeds (overrides the suite)")
     r.add_argument("--dry-run", action="store_true", help="print the runs with sigma, steps and epsilon")
+    r.add_argument(
+        "--probe",
+        action="store_true",
+        help="with --dry-run: time a few steps of each distinct workload/backend/batch size and project "
+        "each run's wall time (training steps only: evaluation is not included)",
+    )
+    r.add_argument(
+        "--probe-steps",
+        type=_positive(int, "--probe-steps"),
+        default=5,
+        metavar="N",
+        help="timed steps per probe (default 5)",
+    )
+    r.add_argument(
+        "--probe-timeout",
+        type=_positive(float, "--probe-timeout"),
+        default=300.0,
+        metavar="S",
+        help="limit in seconds for one probe, start-up and build included (default 300)",
+    )
     r.add_argument("--force", action="store_true", help="re-run runs that already have results")
-    r.add_argument("--retry-failed", action="store_true", help="re-run failed, oom and timed-out runs")
+    r.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help="re-run runs that did not end ok (failed, oom, timeout, diverged); not unsupported ones, "
+        "which would end the same way again",
+    )
     r.add_argument("--env", choices=("isolated", "current"), default="isolated", help="backend environment")
     r.add_argument("--timeout", type=float, help="per-run limit in seconds (overrides the suite)")
+    r.add_argument(
+        "--memory-limit",
+        type=_positive(float, "--memory-limit"),
+        metavar="GB",
+        help="stop a worker whose processes use more resident memory (GiB) and record the run as oom "
+        "(overrides the suite's memory_limit_gb; default: 90%% of the machine's memory)",
+    )
     r.add_argument("--results", help="results folder (default: $BENCH_RESULTS_DIR or ./results)")
     r.set_defaults(func=cmd_run)
 
@@ -211,7 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "probe", False) and not args.dry_run:
+        parser.error("--probe only works with --dry-run")
     from bench.accounting import CalibrationError
     from bench.backend import UnknownBackendError
     from bench.data.loaders import DataFormatError, DataNotFoundError

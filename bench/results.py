@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 SCHEMA_VERSION = 1
-STATUSES = ("ok", "failed", "oom", "timeout", "diverged", "interrupted")
+STATUSES = ("ok", "failed", "oom", "timeout", "diverged", "unsupported", "interrupted")
 
 SCHEMA = pa.schema(
     [

@@ -1,4 +1,4 @@
-"""Run a sweep: one worker subprocess per run, progress, timeouts, resume, Parquet results."""
+"""Run a sweep: one worker subprocess per run, progress, timeouts, memory limit, resume, probes, Parquet results."""
 
 from __future__ import annotations
 
@@ -19,12 +19,14 @@ from typing import Any, Literal
 from bench import accounting
 from bench.data.prepare import prepared_path
 from bench.envs import PROJECT_ROOT, EnvError, ensure_env
+from bench.memory import GIB, MemoryWatchdog, default_memory_limit_gb
 from bench.results import read_status, result_path, write_rows
 from bench.spec import RunSpec
 from bench.suite import Suite
 
 EnvMode = Literal["isolated", "current"]
-FINAL = ("ok", "failed", "oom", "timeout", "diverged")
+FINAL = ("ok", "failed", "oom", "timeout", "diverged", "unsupported")
+NOT_RETRIED = ("ok", "unsupported")  # --retry-failed: an unsupported run would end the same way again
 THREAD_VARS = (
     "OMP_NUM_THREADS",
     "MKL_NUM_THREADS",
@@ -43,6 +45,33 @@ class Outcome:
     error: str
     path: Path
     skipped: bool = False
+
+
+@dataclass
+class WorkerExit:
+    returncode: int | None
+    timed_out: bool
+    over_memory: str  # the watchdog's error when it stopped the worker, else ""
+    log: Path
+
+
+@dataclass
+class ProbeResult:
+    """A probe's measurements; seconds are None unless status is "ok"."""
+
+    status: str
+    error: str
+    build_seconds: float | None = None
+    first_step_seconds: float | None = None
+    step_seconds: float | None = None
+    startup_seconds: float | None = None  # worker launch until built: interpreter, imports, data, build
+
+    def projected_seconds(self, total_steps: int) -> float | None:
+        """Training wall time of a run: start-up and build, the first step, the rest at the median step."""
+        if self.status != "ok" or self.step_seconds is None or self.first_step_seconds is None:
+            return None
+        startup = self.startup_seconds if self.startup_seconds is not None else self.build_seconds or 0.0
+        return startup + self.first_step_seconds + max(total_steps - 1, 0) * self.step_seconds
 
 
 def _git_commit() -> str:
@@ -169,9 +198,13 @@ def build_rows(run: RunSpec, events: list[dict[str, Any]], status: str, error: s
     return rows
 
 
-def _finish_status(run: RunSpec, events: list[dict], returncode: int | None, timed_out: bool) -> tuple[str, str]:
+def _finish_status(
+    run: RunSpec, events: list[dict], returncode: int | None, timed_out: bool, over_memory: str = ""
+) -> tuple[str, str]:
     end = next((e for e in reversed(events) if e["event"] == "end"), None)
     epochs_done = sum(1 for e in events if e["event"] == "epoch")
+    if over_memory:
+        return "oom", over_memory
     if timed_out:
         return "timeout", f"run exceeded its time limit after {epochs_done} of {run.train.epochs} epochs"
     if end is not None:
@@ -179,12 +212,60 @@ def _finish_status(run: RunSpec, events: list[dict], returncode: int | None, tim
         if status == "ok" and epochs_done < run.train.epochs:
             return "failed", f"worker reported ok after {epochs_done} of {run.train.epochs} epochs"
         return status, error
+    return _abnormal_exit(returncode)
+
+
+def _abnormal_exit(returncode: int | None) -> tuple[str, str]:
+    """The status of a worker that ended without an "end" event."""
     if returncode is not None and returncode < 0:
         sig = signal.Signals(-returncode).name
         if sig == "SIGKILL":
             return "oom", "worker killed by SIGKILL (most likely the kernel's out-of-memory killer)"
         return "failed", f"worker killed by {sig}"
     return "failed", f"worker exited with code {returncode} without finishing (see its log)"
+
+
+def _probe_result(events: list[dict], ended: WorkerExit, launched: float, timeout: float, steps: int) -> ProbeResult:
+    if ended.over_memory:
+        return ProbeResult("oom", ended.over_memory)
+    if ended.timed_out:
+        return ProbeResult("timeout", f"no probe result within {timeout:g} s (start-up, build and {steps + 1} steps)")
+    found = next((e for e in events if e["event"] == "probe"), None)
+    end = next((e for e in reversed(events) if e["event"] == "end"), None)
+    if end is not None and end["status"] != "ok":
+        return ProbeResult(end["status"], end.get("error", ""))
+    if found is None:
+        status, error = _abnormal_exit(ended.returncode) if end is None else ("failed", "no probe event")
+        return ProbeResult(status, f"{error}\n{_tail(ended.log)}")
+    built = next((e for e in events if e["event"] == "built"), found)
+    return ProbeResult(
+        "ok",
+        "",
+        build_seconds=found["build_seconds"],
+        first_step_seconds=found["first_step_seconds"],
+        step_seconds=found["step_seconds"],
+        startup_seconds=built["time"] - launched,
+    )
+
+
+def probe_key(run: RunSpec) -> tuple:
+    """Runs that differ only in privacy level (sigma, epsilon, learning rate) and seed cost the same per step."""
+    return (
+        run.backend_label,
+        run.workload,
+        run.model,
+        run.dataset,
+        run.train.batch_size,
+        run.dp.enabled,
+        run.perf.threads,
+    )
+
+
+def _memory_error(used: float, limit: float) -> str:
+    return (
+        f"worker used {used / GIB:.1f} GiB, over the memory limit of {limit / GIB:.1f} GiB "
+        "(set memory_limit_gb in the suite or --memory-limit)"
+    )
 
 
 class Runner:
@@ -196,12 +277,14 @@ class Runner:
         *,
         env: EnvMode = "isolated",
         timeout: float | None = None,
+        memory_limit_gb: float | None = None,
         log: Callable[[str], None] = print,
         on_progress: Callable[[RunSpec, dict], None] | None = None,
     ):
         self.results_dir = Path(results_dir).resolve()
         self.env = env
         self.timeout = timeout
+        self.memory_limit_gb = memory_limit_gb
         self.log = log
         self.on_progress = on_progress
 
@@ -213,16 +296,78 @@ class Runner:
     def should_skip(self, run: RunSpec, force: bool, retry_failed: bool) -> str | None:
         path = result_path(self.results_dir, run.suite, run.run_id)
         status = read_status(path) if path.exists() else None
-        if force or status not in FINAL or (retry_failed and status != "ok"):
+        if force or status not in FINAL or (retry_failed and status not in NOT_RETRIED):
             return None
         return status
 
-    def execute(self, run: RunSpec, timeout: float) -> Outcome:
-        path = result_path(self.results_dir, run.suite, run.run_id)
-        logs = path.parent / "_logs"  # "_" keeps pyarrow/pandas dataset reads to the Parquet files
+    def memory_limit_bytes(self, memory_limit_gb: float | None = None) -> float | None:
+        """The given limit, else the Runner's, else 90% of the machine's memory."""
+        gb = memory_limit_gb or self.memory_limit_gb or default_memory_limit_gb()
+        return gb * GIB if gb else None
+
+    def _logs_dir(self, run: RunSpec) -> Path:
+        logs = result_path(self.results_dir, run.suite, run.run_id).parent / "_logs"  # "_": dataset reads skip it
         logs.mkdir(parents=True, exist_ok=True)
-        events_path = logs / f"{run.run_id}.events.jsonl"
+        return logs
+
+    def _run_worker(
+        self,
+        python: str,
+        run: RunSpec,
+        job: dict[str, Any],
+        stem: Path,
+        timeout: float,
+        memory_limit: float | None,
+        events: list[dict],
+        on_event: Callable[[dict], None] | None = None,
+    ) -> WorkerExit:
+        """Start `python -m bench.worker` on `job` and follow its events until it ends, runs out of time
+        or outgrows its memory limit (bytes); `events` fills as they arrive, so a caller interrupted by
+        Ctrl-C still has them. The worker's process group is killed on the way out, whatever happened."""
+        events_path, job_path, log_path = (Path(f"{stem}.{ext}") for ext in ("events.jsonl", "job.json", "log"))
         events_path.unlink(missing_ok=True)
+        job_path.write_text(json.dumps({**job, "events": str(events_path)}))
+        offset, timed_out, over_memory = 0, False, ""
+
+        def drain() -> None:
+            nonlocal offset
+            new, offset = read_events(events_path, offset)
+            for e in new:
+                events.append(e)
+                if on_event:
+                    on_event(e)
+
+        with open(log_path, "w") as log_file:
+            proc = subprocess.Popen(
+                [python, "-m", "bench.worker", str(job_path)],
+                cwd=PROJECT_ROOT,
+                env=worker_env(run),
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            launched = time.monotonic()
+            watchdog = MemoryWatchdog(proc.pid, memory_limit)
+            try:
+                while proc.poll() is None:
+                    drain()
+                    if time.monotonic() - launched > timeout:
+                        timed_out = True
+                        break
+                    used = watchdog.exceeded()
+                    if used is not None:
+                        over_memory = _memory_error(used, memory_limit or 0)
+                        break
+                    time.sleep(POLL_S)
+            finally:
+                _kill(proc)
+                drain()
+        return WorkerExit(proc.returncode, timed_out, over_memory, log_path)
+
+    def execute(self, run: RunSpec, timeout: float, memory_limit_gb: float | None = None) -> Outcome:
+        path = result_path(self.results_dir, run.suite, run.run_id)
+        logs = self._logs_dir(run)
         started = time.time()
         try:
             python = self.python_for(run.backend)
@@ -231,47 +376,35 @@ class Runner:
             status, error = "failed", f"{type(e).__name__}: {e}"
             write_rows(path, build_rows(run, [], status, error, started))
             return Outcome(run, status, error, path)
-        job = logs / f"{run.run_id}.job.json"
-        job.write_text(json.dumps({"run": run.to_dict(), "data": str(data), "events": str(events_path)}))
         events: list[dict] = []
-        offset = 0
-        timed_out = False
-        with open(logs / f"{run.run_id}.log", "w") as log_file:
-            proc = subprocess.Popen(
-                [python, "-m", "bench.worker", str(job)],
-                cwd=PROJECT_ROOT,
-                env=worker_env(run),
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
-            try:
-                while True:
-                    returncode = proc.poll()
-                    new, offset = read_events(events_path, offset)
-                    for e in new:
-                        events.append(e)
-                        if self.on_progress:
-                            self.on_progress(run, e)
-                    if returncode is not None:
-                        break
-                    if time.time() - started > timeout:
-                        timed_out = True
-                        _kill(proc)
-                        break
-                    time.sleep(POLL_S)
-            except KeyboardInterrupt:
-                _kill(proc)
-                events += read_events(events_path, offset)[0]
-                write_rows(path, build_rows(run, events, "interrupted", "interrupted by the user", started))
-                raise
-        events += read_events(events_path, offset)[0]
-        status, error = _finish_status(run, events, proc.returncode, timed_out)
+        job = {"run": run.to_dict(), "data": str(data)}
+        limit = self.memory_limit_bytes(memory_limit_gb)
+        on_event = (lambda e: self.on_progress(run, e)) if self.on_progress else None
+        try:
+            ended = self._run_worker(python, run, job, logs / run.run_id, timeout, limit, events, on_event)
+        except KeyboardInterrupt:
+            write_rows(path, build_rows(run, events, "interrupted", "interrupted by the user", started))
+            raise
+        status, error = _finish_status(run, events, ended.returncode, ended.timed_out, ended.over_memory)
         if status == "failed" and not any(e["event"] == "end" for e in events):
-            error += "\n" + _tail(logs / f"{run.run_id}.log")
+            error += "\n" + _tail(ended.log)
         write_rows(path, build_rows(run, events, status, error, started))
         return Outcome(run, status, error, path)
+
+    def probe(self, run: RunSpec, steps: int, timeout: float, memory_limit_gb: float | None = None) -> ProbeResult:
+        """Measure what a run costs per step (build, one warm-up step, `steps` timed steps) in a worker
+        like `execute`'s, under the same limits; writes no result, only logs (`_logs/probe-<run_id>.*`)."""
+        try:
+            python = self.python_for(run.backend)
+            data = prepared_path(run.dataset)
+        except (EnvError, OSError, ValueError) as e:
+            return ProbeResult("failed", f"{type(e).__name__}: {e}")
+        events: list[dict] = []
+        job = {"run": run.to_dict(), "data": str(data), "max_steps": steps}
+        stem = self._logs_dir(run) / f"probe-{run.run_id}"
+        launched = time.time()
+        ended = self._run_worker(python, run, job, stem, timeout, self.memory_limit_bytes(memory_limit_gb), events)
+        return _probe_result(events, ended, launched, timeout, steps)
 
     def run_suite(
         self,
@@ -293,7 +426,7 @@ class Runner:
                 outcomes.append(Outcome(run, done, "", result_path(self.results_dir, run.suite, run.run_id), True))
                 continue
             self.log(f"[{i}/{total}] run {label}")
-            outcome = self.execute(run, self.timeout or suite.timeout)
+            outcome = self.execute(run, self.timeout or suite.timeout, self.memory_limit_gb or suite.memory_limit_gb)
             msg = f"[{i}/{total}] {outcome.status} {label}"
             self.log(msg + (f": {outcome.error.splitlines()[0]}" if outcome.error else ""))
             outcomes.append(outcome)

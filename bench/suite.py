@@ -31,7 +31,7 @@ DATASET_INFO: dict[str, tuple[int, int, tuple[int, int, int], int]] = {
 }
 SYNTHETIC_DEFAULTS = (10_000, 2_000, (28, 28, 1), 10)
 
-SUITE_KEYS = {"name", "description", "backends", "seeds", "threads", "timeout", "workloads"}
+SUITE_KEYS = {"name", "description", "backends", "seeds", "threads", "timeout", "memory_limit_gb", "workloads"}
 WORKLOAD_KEYS = {"name", "dataset", "model", "train", "dp", "privacy", "perf"}
 DATASET_KEYS = {f.name for f in dataclasses.fields(DatasetSpec)}
 TRAIN_KEYS = {"epochs", "batch_size", "optimizer", "eval_batch_size"}
@@ -57,6 +57,7 @@ class Suite:
     description: str
     runs: tuple[RunSpec, ...]
     timeout: float
+    memory_limit_gb: float | None = None
 
 
 def suite_path(name_or_path: str) -> Path:
@@ -127,6 +128,10 @@ def _dataset_size(r: _Reader, ds: DatasetSpec, path: str) -> tuple[int, tuple[in
     if ds.test_size is not None and ds.test_size > n_test:
         raise r.error(f"{path}.test_size", ds.test_size, f"at most {n_test} ({ds.name} has {n_test})")
     return ds.train_size or n_train, shape, classes
+
+
+def _positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
 
 
 def _backends(r: _Reader, labels: Any, path: str) -> list[tuple[str, str]]:
@@ -244,8 +249,11 @@ def load_suite(
     threads = raw.get("threads", 2)
     r.build(PerfFlags, "", threads=threads)
     timeout = raw.get("timeout", DEFAULT_TIMEOUT_S)
-    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout <= 0:
+    if not _positive_number(timeout):
         raise r.error("timeout", timeout, "a positive number of seconds")
+    memory_limit = raw.get("memory_limit_gb")
+    if memory_limit is not None and not _positive_number(memory_limit):
+        raise r.error("memory_limit_gb", memory_limit, "a number > 0")
     backend_list = _backends(r, backends if backends is not None else raw.get("backends", ["jax"]), "backends")
     seed_list = _seeds(r, seeds if seeds is not None else raw.get("seeds", [0]), "seeds")
     runs: list[RunSpec] = []
@@ -257,5 +265,10 @@ def load_suite(
         names.add(wruns[0].workload)
         runs += wruns
     return Suite(
-        name=name, path=path, description=str(raw.get("description", "")), runs=tuple(runs), timeout=float(timeout)
+        name=name,
+        path=path,
+        description=str(raw.get("description", "")),
+        runs=tuple(runs),
+        timeout=float(timeout),
+        memory_limit_gb=float(memory_limit) if memory_limit is not None else None,
     )

@@ -4,6 +4,9 @@ The core owns everything but the DP-SGD step: it loads the prepared data, draws 
 batches (Poisson or shuffle), augments and pads them, creates the initial weights and
 times the backend's steps. Progress and results go to a JSON-lines events file, never
 stdout, because frameworks print.
+
+A job with `"max_steps": N` is a probe: build, one warm-up step and N timed steps,
+reported as one "probe" event, without evaluation (used by `bench run --dry-run --probe`).
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ import json
 import math
 import os
 import platform
+import re
 import resource
+import statistics
 import sys
 import time
 import traceback
@@ -21,14 +26,23 @@ from typing import Any
 
 import numpy as np
 
-from bench.backend import Backend, create_backend
+from bench.backend import Backend, Unsupported, create_backend
 from bench.data.prepare import Dataset, load_prepared
 from bench.data.sampling import augment, pad_batch, physical_batch_size, poisson_batch, shuffle_batch
 from bench.models import build_spec, init_params
 from bench.spec import RunSpec
 
-OOM_MARKERS = ("RESOURCE_EXHAUSTED", "out of memory", "OutOfMemory", "OOM", "Unable to allocate")
+OOM_MARKERS = (
+    r"resource_?exhausted",
+    r"out of memory",
+    r"outofmemory",
+    r"(?<![a-z])oom(?![a-z])",
+    r"unable to allocate",
+    r"failed to allocate",
+)
+_OOM_RE = re.compile("|".join(OOM_MARKERS), re.IGNORECASE)
 PROGRESS_INTERVAL_S = 0.5
+CLEAN_ENDINGS = ("diverged", "unsupported")  # a result about the workload, not a crash: exit code 0
 
 
 class Events:
@@ -99,12 +113,40 @@ def evaluate(backend: Backend, x: np.ndarray, y: np.ndarray, batch_size: int) ->
     return loss / len(y), correct / len(y)
 
 
-def train(run: RunSpec, data: Dataset, backend: Backend, events: Events) -> None:
+def build(run: RunSpec, data: Dataset, backend: Backend, events: Events) -> tuple[BatchSource, float]:
+    """Build the backend from the canonical weights; returns the batch source and the build time."""
     spec = build_spec(run.model, data.input_shape, data.num_classes)
     source = BatchSource(run, data)
     t0 = time.perf_counter()
     backend.build(run, spec, init_params(spec, run.seed), physical_batch_size=source.physical)
-    events.emit("built", seconds=time.perf_counter() - t0, versions=backend.versions())
+    seconds = time.perf_counter() - t0
+    events.emit("built", seconds=seconds, versions=backend.versions())
+    return source, seconds
+
+
+def _timed_step(backend: Backend, source: BatchSource, step: int) -> float:
+    x, y, mask = source.batch(step)
+    t = time.perf_counter()
+    backend.train_step(x, y, mask)
+    return time.perf_counter() - t
+
+
+def probe(run: RunSpec, data: Dataset, backend: Backend, events: Events, steps: int) -> None:
+    """Time the build, the first (compiling) step and `steps` more: the cost of a step, without training."""
+    source, build_seconds = build(run, data, backend, events)
+    first = _timed_step(backend, source, 0)
+    times = [_timed_step(backend, source, step) for step in range(1, steps + 1)]
+    events.emit(
+        "probe",
+        build_seconds=build_seconds,
+        first_step_seconds=first,
+        step_seconds=statistics.median(times) if times else first,
+        steps=steps,
+    )
+
+
+def train(run: RunSpec, data: Dataset, backend: Backend, events: Events) -> None:
+    source, _ = build(run, data, backend, events)
     step = 0
     for epoch in range(1, run.train.epochs + 1):
         epoch_start = time.perf_counter()
@@ -153,7 +195,9 @@ def train(run: RunSpec, data: Dataset, backend: Backend, events: Events) -> None
 def classify_error(exc: BaseException) -> str:
     if isinstance(exc, Diverged):
         return "diverged"
-    if isinstance(exc, MemoryError) or any(m in str(exc) for m in OOM_MARKERS):
+    if isinstance(exc, Unsupported):
+        return "unsupported"
+    if isinstance(exc, MemoryError) or _OOM_RE.search(f"{type(exc).__name__}: {exc}"):
         return "oom"
     return "failed"
 
@@ -169,11 +213,15 @@ def main(argv: list[str]) -> int:
     events.emit("start", pid=os.getpid(), python=platform.python_version(), machine=platform.machine())
     try:
         backend = create_backend(run.backend)
-        train(run, load_prepared(job["data"]), backend, events)
+        data = load_prepared(job["data"])
+        if job.get("max_steps") is not None:
+            probe(run, data, backend, events, int(job["max_steps"]))
+        else:
+            train(run, data, backend, events)
     except BaseException as exc:  # every ending becomes a result, KeyboardInterrupt included
         status = "interrupted" if isinstance(exc, KeyboardInterrupt) else classify_error(exc)
         events.emit("end", status=status, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
-        return 0 if status == "diverged" else 1
+        return 0 if status in CLEAN_ENDINGS else 1
     events.emit("end", status="ok", error="")
     return 0
 

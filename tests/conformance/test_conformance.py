@@ -9,6 +9,7 @@ non-private steps, padded rows, and the noise of a DP step on an empty Poisson b
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -46,6 +47,9 @@ ILL_CONDITIONED = {("resnet18-gn", "adam", 3): 1e-3}
 # chaotic (the same backend differs from itself by 1e-2 under a 1e-6 input change). A
 # well-conditioned eps still checks the moments, bias correction and coupled L2.
 ADAM_EPS = 1e-3
+# Probe processes run side by side: much of their time is single-threaded tracing and XLA
+# compilation (ResNet-18 under TF's jacobian); results do not depend on timing.
+PARALLEL_PROBES = 2
 
 if h.REFERENCE not in LABELS:
     pytest.skip("the JAX reference environment is not installed (make setup)", allow_module_level=True)
@@ -114,21 +118,30 @@ def _cases(label: str, clip: dict[str, tuple[float, np.ndarray]]) -> list[dict]:
 def outputs(inputs, clip_norms):
     """label -> (arrays, errors) for every installed backend/variant, one probe process each."""
     workdir, path, _ = inputs
-    return {label: h.run_probe(label, _cases(label, clip_norms), path, workdir) for label in LABELS}
+    with ThreadPoolExecutor(max_workers=PARALLEL_PROBES) as pool:
+        futures = {label: pool.submit(h.run_probe, label, _cases(label, clip_norms), path, workdir) for label in LABELS}
+        return {label: future.result() for label, future in futures.items()}
+
+
+def _check_case(label: str, cid: str, errors: dict[str, str]) -> None:
+    """A variant that declares a model unsupported (bench.backend.Unsupported) is skipped, not failed."""
+    if cid not in errors:
+        return
+    if errors[cid].startswith("Unsupported:"):
+        pytest.skip(f"{label}: {errors[cid]}")
+    pytest.fail(f"{label} failed case {cid}: {errors[cid]}")
 
 
 def _get(outputs, label: str, key: str) -> np.ndarray:
     arrays, errors = outputs[label]
     cid = key.split("/step")[0] if "/step" in key else key.rsplit("/", 1)[0]
-    if cid in errors:
-        pytest.fail(f"{label} failed case {cid}: {errors[cid]}")
+    _check_case(label, cid, errors)
     return arrays[key]
 
 
 def _params_at(outputs, label: str, cid: str, step: int) -> dict[str, np.ndarray]:
     arrays, errors = outputs[label]
-    if cid in errors:
-        pytest.fail(f"{label} failed case {cid}: {errors[cid]}")
+    _check_case(label, cid, errors)
     prefix = f"{cid}/step{step}/"
     return {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix) and not k.endswith("/stats")}
 

@@ -128,3 +128,31 @@ def test_bad_suite_is_one_clear_error(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "bad.yaml: workloads[0].train.batch_size: got 5000" in proc.stderr
+
+
+def test_dry_run_probe_projects_wall_times_without_writing_results(tmp_path):
+    (tmp_path / "tiny.yaml").write_text(SUITE)
+    args = ("--results", "r", "--dry-run", "--probe", "--probe-steps", "2", "--timeout", "0.5")
+    proc = bench("run", "tiny.yaml", *args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    probing = [line for line in proc.stdout.splitlines() if line.startswith("probing ")]
+    assert len(probing) == 2, proc.stdout  # non-private and DP; the two DP settings share one probe
+    assert all(line.endswith(" s)") and " s/step " in line for line in probing), probing
+    assert "projected" in proc.stdout
+    rows = [line for line in proc.stdout.splitlines() if "synthetic-mlp " in line and not line.startswith("probing")]
+    assert len(rows) == 3 and all(line.split()[-1] == "pending" for line in rows)
+    assert all(line.split()[-2].endswith("s") for line in rows)  # e.g. 6.8s
+    assert "3 runs would exceed the per-run timeout of 0.5s (they will end as timeout)" in proc.stdout
+    assert list((tmp_path / "r").rglob("*.parquet")) == []
+    assert len(list((tmp_path / "r" / "tiny" / "_logs").glob("probe-*.log"))) == 2
+
+
+def test_memory_limit_of_the_suite_stops_workers_as_oom(tmp_path):
+    suite = SUITE.replace("timeout: 300", "timeout: 300\nmemory_limit_gb: 0.1").replace("name: tiny", "name: hog")
+    (tmp_path / "hog.yaml").write_text(suite)
+    proc = bench("run", "hog.yaml", "--results", "r", cwd=tmp_path)  # a JAX worker needs ~200 MB
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    df = read_results(tmp_path / "r").to_pandas()
+    assert set(df.status) == {"oom"}, df[["status", "error"]]
+    assert df.error.str.contains("over the memory limit of 0.1 GiB").all()
+    assert "3 runs: 3 oom" in proc.stdout

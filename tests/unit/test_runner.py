@@ -1,16 +1,36 @@
-"""Runner pieces that decide what a run's result says: statuses, rows, event parsing."""
+"""Runner pieces that decide what a run's result says: statuses, rows, events, the memory watchdog, probes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
+import pytest
 
 from bench.data.prepare import Dataset
-from bench.runner import SHUFFLE_NOTE, _finish_status, build_rows, read_events
-from bench.spec import DatasetSpec, DPConfig, RunSpec, TrainConfig
+from bench.memory import GIB, default_memory_limit_gb, process_tree, rss_bytes, tree_rss_bytes
+from bench.results import STATUSES, read_status, result_path, write_rows
+from bench.runner import (
+    FINAL,
+    SHUFFLE_NOTE,
+    Outcome,
+    ProbeResult,
+    Runner,
+    _finish_status,
+    build_rows,
+    probe_key,
+    read_events,
+)
+from bench.spec import DatasetSpec, DPConfig, PerfFlags, RunSpec, TrainConfig
+from bench.suite import Suite
 from bench.worker import BatchSource, classify_error, cross_entropy
 
 
@@ -121,3 +141,235 @@ def test_cross_entropy_matches_definition():
     y = np.array([0, 2])
     expected0 = -math.log(math.exp(1) / (math.exp(1) + math.exp(2) + math.exp(3)))
     np.testing.assert_allclose(cross_entropy(logits, y), [expected0, 0.0], atol=1e-12)
+
+
+# --------------------------------------------------------------------------- unsupported
+
+
+def test_unsupported_is_a_final_status_that_retry_failed_keeps(tmp_path):
+    assert "unsupported" in STATUSES and "unsupported" in FINAL
+    runner = Runner(tmp_path)
+    run = _run()
+    write_rows(result_path(tmp_path, run.suite, run.run_id), build_rows(run, [], "unsupported", "no rule", 0.0))
+    assert runner.should_skip(run, force=False, retry_failed=False) == "unsupported"
+    assert runner.should_skip(run, force=False, retry_failed=True) == "unsupported"
+    assert runner.should_skip(run, force=True, retry_failed=False) is None
+    write_rows(result_path(tmp_path, run.suite, run.run_id), build_rows(run, [], "oom", "", 0.0))
+    assert runner.should_skip(run, force=False, retry_failed=True) is None
+
+
+def test_unsupported_ending_is_kept():
+    end = {"event": "end", "status": "unsupported", "error": "Unsupported: no rule"}
+    assert _finish_status(_run(), [end], 0, False) == ("unsupported", "Unsupported: no rule")
+
+
+# --------------------------------------------------------------------------- memory
+
+
+HOG = "import sys, time; hog = b'x' * (300 * 2**20); print('ready', flush=True); time.sleep(60)"
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_tree_rss_counts_the_workers_descendants():
+    spawn_grandchild = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {HOG!r}])"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", spawn_grandchild], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        assert len(process_tree(proc.pid)) == 2
+        assert rss_bytes(proc.pid) < 100 * 2**20
+        assert tree_rss_bytes(proc.pid) > 280 * 2**20
+    finally:
+        _stop(proc)
+    deadline = time.monotonic() + 10
+    while tree_rss_bytes(proc.pid) and time.monotonic() < deadline:  # SIGKILL takes effect asynchronously
+        time.sleep(0.05)
+    assert rss_bytes(proc.pid) == 0 and tree_rss_bytes(proc.pid) == 0
+
+
+def test_default_memory_limit_is_most_of_the_machine():
+    total_kb = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal:"))
+    limit = default_memory_limit_gb()
+    assert limit is not None and 0 < limit * GIB <= 0.9 * total_kb * 1024 + 1
+
+
+def test_memory_limit_precedence(tmp_path):
+    assert Runner(tmp_path).memory_limit_bytes() == pytest.approx(default_memory_limit_gb() * GIB)
+    assert Runner(tmp_path, memory_limit_gb=2).memory_limit_bytes() == 2 * GIB
+    assert Runner(tmp_path, memory_limit_gb=2).memory_limit_bytes(0.5) == 0.5 * GIB
+
+
+@pytest.mark.parametrize("cli, suite_limit, expected", [(None, None, None), (None, 3.0, 3.0), (5.0, 3.0, 5.0)])
+def test_run_suite_passes_the_command_line_or_suite_memory_limit(tmp_path, monkeypatch, cli, suite_limit, expected):
+    run = _run()
+    suite = Suite(name="s", path=tmp_path, description="", runs=(run,), timeout=10.0, memory_limit_gb=suite_limit)
+    runner = Runner(tmp_path, memory_limit_gb=cli, log=lambda msg: None)
+    calls = []
+    monkeypatch.setattr(runner, "execute", lambda *args: calls.append(args) or _outcome(run))
+    runner.run_suite(suite)
+    assert calls == [(run, 10.0, expected)]
+
+
+def _outcome(run: RunSpec) -> Outcome:
+    return Outcome(run, "ok", "", Path("x"))
+
+
+def test_over_memory_is_oom_whatever_the_events_say():
+    status, error = _finish_status(_run(), [_epoch(1)], -signal.SIGKILL, False, "worker used 3.0 GiB, over ...")
+    assert status == "oom" and error.startswith("worker used 3.0 GiB")
+
+
+# --------------------------------------------------------------------------- fake workers
+
+FAKE_WORKER = """
+import json, os, subprocess, sys, time
+
+job = json.load(open(sys.argv[-1]))
+mode = os.environ["FAKE_WORKER"]
+
+
+def emit(event, **fields):
+    with open(job["events"], "a") as f:
+        f.write(json.dumps({"event": event, "time": time.time(), **fields}) + "\\n")
+
+
+emit("start", pid=os.getpid(), python="3.11")
+if mode == "hog":
+    hog = b"x" * (300 * 2**20)
+    time.sleep(60)
+elif mode == "child-hog":
+    subprocess.run([sys.executable, "-c", "import time; hog = b'x' * (300 * 2**20); time.sleep(60)"])
+elif mode == "sleep":
+    time.sleep(60)
+elif mode == "probe":
+    assert job["max_steps"] == 3
+    time.sleep(0.3)
+    emit("built", seconds=0.1, versions={})
+    emit("probe", build_seconds=0.1, first_step_seconds=2.0, step_seconds=0.25, steps=3)
+    emit("end", status="ok", error="")
+elif mode == "unsupported":
+    emit("end", status="unsupported", error="Unsupported: no rule for this layer")
+elif mode == "crash":
+    print("segfault-ish", flush=True)
+    sys.exit(3)
+"""
+
+
+def _small_run(**changes) -> RunSpec:
+    run = RunSpec(
+        suite="fake",
+        workload="w",
+        dataset=DatasetSpec(name="synthetic", train_size=200, test_size=40, shape=(4, 4, 1), num_classes=3),
+        model="mlp",
+        train=TrainConfig(epochs=2, batch_size=50),
+        dp=DPConfig(noise_multiplier=1.0),
+        backend="jax",
+        variant="vmap",
+        dataset_size=200,
+    )
+    return dataclasses.replace(run, **changes)
+
+
+@pytest.fixture
+def fake_runner(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A Runner whose "python" runs FAKE_WORKER (mode from $FAKE_WORKER) instead of bench.worker."""
+    script = tmp_path / "fake_worker.py"
+    script.write_text(FAKE_WORKER)
+    python = tmp_path / "fake-python"
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{script}" "$@"\n')
+    python.chmod(0o755)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    runner = Runner(tmp_path / "results", env="current", log=lambda msg: None)
+    monkeypatch.setattr(runner, "python_for", lambda backend: str(python))
+
+    def use(mode: str) -> Runner:
+        monkeypatch.setenv("FAKE_WORKER", mode)
+        return runner
+
+    return use
+
+
+@pytest.mark.parametrize("mode", ["hog", "child-hog"])
+def test_watchdog_stops_a_worker_over_its_memory_limit(fake_runner, mode):
+    run = _small_run()
+    t0 = time.monotonic()
+    outcome = fake_runner(mode).execute(run, timeout=60, memory_limit_gb=0.1)
+    assert time.monotonic() - t0 < 30
+    assert outcome.status == "oom", outcome.error
+    assert outcome.error.startswith("worker used 0.")
+    assert "over the memory limit of 0.1 GiB (set memory_limit_gb in the suite or --memory-limit)" in outcome.error
+    assert read_status(outcome.path) == "oom"
+
+
+def test_a_worker_under_its_limit_runs_to_its_timeout(fake_runner):
+    outcome = fake_runner("sleep").execute(_small_run(), timeout=1, memory_limit_gb=1.0)
+    assert outcome.status == "timeout" and read_status(outcome.path) == "timeout"
+
+
+def test_a_crashed_worker_is_failed_with_its_log(fake_runner):
+    outcome = fake_runner("crash").execute(_small_run(), timeout=30)
+    assert outcome.status == "failed" and "code 3" in outcome.error and "segfault-ish" in outcome.error
+
+
+def _parquet_files(runner: Runner) -> list[Path]:
+    return sorted(runner.results_dir.rglob("*.parquet"))
+
+
+def test_probe_reports_step_times_and_writes_no_result(fake_runner):
+    runner = fake_runner("probe")
+    result = runner.probe(_small_run(), steps=3, timeout=30)
+    assert result.status == "ok", result.error
+    assert (result.build_seconds, result.first_step_seconds, result.step_seconds) == (0.1, 2.0, 0.25)
+    assert 0.1 <= result.startup_seconds < 10
+    assert result.projected_seconds(9) == pytest.approx(result.startup_seconds + 2.0 + 8 * 0.25)
+    assert _parquet_files(runner) == []
+    assert list((runner.results_dir / "fake" / "_logs").glob("probe-*.log"))
+
+
+@pytest.mark.parametrize(
+    "mode, limits, status, text",
+    [
+        ("hog", (30, 0.1), "oom", "over the memory limit"),
+        ("sleep", (1, None), "timeout", "no probe result within 1 s"),
+        ("unsupported", (30, None), "unsupported", "no rule"),
+        ("crash", (30, None), "failed", "segfault-ish"),
+    ],
+)
+def test_probe_endings(fake_runner, mode, limits, status, text):
+    runner = fake_runner(mode)
+    result = runner.probe(_small_run(), steps=3, timeout=limits[0], memory_limit_gb=limits[1])
+    assert result.status == status and text in result.error
+    assert result.projected_seconds(100) is None
+    assert _parquet_files(runner) == []
+
+
+def test_projection_is_startup_first_step_and_the_rest_at_the_median():
+    probe = ProbeResult("ok", "", build_seconds=1.0, first_step_seconds=3.0, step_seconds=0.5, startup_seconds=4.0)
+    assert probe.projected_seconds(1) == 7.0
+    assert probe.projected_seconds(101) == 57.0
+    assert ProbeResult("ok", "", build_seconds=1.0, first_step_seconds=3.0, step_seconds=0.5).projected_seconds(1) == 4
+
+
+def test_probe_key_ignores_privacy_level_and_seed():
+    base = _run()
+    same = [
+        dataclasses.replace(base, seed=3),
+        dataclasses.replace(base, dp=DPConfig(noise_multiplier=2.5)),
+        dataclasses.replace(base, dp=DPConfig(target_epsilon=3.0, noise_multiplier=0.9)),
+    ]
+    assert {probe_key(r) for r in same} == {probe_key(base)}
+    different = [
+        dataclasses.replace(base, variant="other"),
+        dataclasses.replace(base, dp=DPConfig(enabled=False)),
+        dataclasses.replace(base, train=TrainConfig(epochs=2, batch_size=50)),
+        dataclasses.replace(base, perf=PerfFlags(threads=4)),
+        dataclasses.replace(base, model="cnn-tanh"),
+        dataclasses.replace(base, workload="other"),
+        dataclasses.replace(base, dataset=DatasetSpec(name="synthetic", train_size=500)),
+    ]
+    assert len({probe_key(r) for r in different} | {probe_key(base)}) == len(different) + 1

@@ -85,7 +85,16 @@ def test_valid_suite_loads(tmp_path):
     assert suite.description == "unit-test suite"
     assert suite.path == path
     assert suite.timeout == 120.0
+    assert suite.memory_limit_gb is None
     assert len(suite.runs) == 4  # (3 + 1 privacy settings) x 1 backend x 1 seed
+
+
+@pytest.mark.parametrize("value", [12, 0.5])
+def test_memory_limit_is_read(tmp_path, value):
+    data = base_suite()
+    data["memory_limit_gb"] = value
+    suite = load_suite(write(tmp_path, data))
+    assert suite.memory_limit_gb == float(value) and isinstance(suite.memory_limit_gb, float)
 
 
 def test_grid_is_workloads_x_privacy_x_backends_x_seeds(tmp_path, two_backends):
@@ -279,6 +288,10 @@ ERROR_CASES: list[tuple[str, Mutate, str]] = [
     ("seed bool", set_in("seeds", value=[0, True]), "seeds[1]"),
     ("seed negative", set_in("seeds", value=[-1]), "seeds[0]"),
     ("timeout", set_in("timeout", value=-5), "timeout"),
+    ("memory limit negative", set_in("memory_limit_gb", value=-1), "memory_limit_gb"),
+    ("memory limit zero", set_in("memory_limit_gb", value=0), "memory_limit_gb"),
+    ("memory limit string", set_in("memory_limit_gb", value="lots"), "memory_limit_gb"),
+    ("memory limit bool", set_in("memory_limit_gb", value=True), "memory_limit_gb"),
     ("suite name", set_in("name", value=""), "name"),
     # impossible values
     ("batch > synthetic train_size", set_in(*W, "train", "batch_size", value=1001), "workloads[0].train.batch_size"),
@@ -398,6 +411,15 @@ def test_bad_dp_section_names_the_dp_field(tmp_path, key, value):
     data = base_suite()
     w0(data)["dp"][key] = value
     expect_error(write(tmp_path, data), f"workloads[0].dp.{key}")
+
+
+def test_bad_memory_limit_message(tmp_path):
+    data = base_suite()
+    data["memory_limit_gb"] = -1
+    path = write(tmp_path, data)
+    with pytest.raises(SuiteError) as info:
+        load_suite(path)
+    assert str(info.value) == f"{path}: memory_limit_gb: got -1, expected a number > 0"
 
 
 def test_bad_threads_raises_suite_error(tmp_path):

@@ -1,0 +1,1 @@
+"""TensorFlow Privacy backend (runs in its own environment: see requirements.txt)."""
