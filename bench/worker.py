@@ -202,6 +202,17 @@ def classify_error(exc: BaseException) -> str:
     return "failed"
 
 
+def describe_error(exc: BaseException, status: str) -> str:
+    """ "Type: message", with the line that names the allocation first for an oom (TensorFlow's
+    first line is a generic "Graph execution error:")."""
+    text = f"{type(exc).__name__}: {exc}"
+    if status == "oom":
+        line = next((ln.strip() for ln in str(exc).splitlines()[1:] if _OOM_RE.search(ln)), None)
+        if line:
+            return f"{type(exc).__name__}: {line}\n{text}"
+    return text
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m bench.worker RUN.json", file=sys.stderr)
@@ -220,7 +231,7 @@ def main(argv: list[str]) -> int:
             train(run, data, backend, events)
     except BaseException as exc:  # every ending becomes a result, KeyboardInterrupt included
         status = "interrupted" if isinstance(exc, KeyboardInterrupt) else classify_error(exc)
-        events.emit("end", status=status, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+        events.emit("end", status=status, error=describe_error(exc, status), traceback=traceback.format_exc())
         return 0 if status in CLEAN_ENDINGS else 1
     events.emit("end", status="ok", error="")
     return 0

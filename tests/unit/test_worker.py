@@ -12,7 +12,7 @@ from bench import worker
 from bench.backend import StepStats, Unsupported
 from bench.data.prepare import prepared_path
 from bench.spec import DatasetSpec, DPConfig, RunSpec, TrainConfig
-from bench.worker import classify_error
+from bench.worker import classify_error, describe_error
 
 DATASET = DatasetSpec(name="synthetic", train_size=200, test_size=40, shape=(4, 4, 1), num_classes=3)
 
@@ -145,3 +145,16 @@ def test_a_job_without_max_steps_trains_every_epoch(tmp_path, fake):
     assert [e["epoch"] for e in evs if e["event"] == "epoch"] == [1, 2]
     assert not any(e["event"] == "probe" for e in evs)
     assert fake.steps == 8  # 2 epochs x round(200 / 50) steps
+
+
+def test_oom_error_leads_with_the_allocation_line():
+    exc = RuntimeError(
+        "Graph execution error:\n\nDetected at node pfor/Tile\n"
+        "OOM when allocating tensor with shape[2232,2232,5,5,32] and type float\nHint: ..."
+    )
+    text = describe_error(exc, "oom")
+    assert (
+        text.splitlines()[0] == "RuntimeError: OOM when allocating tensor with shape[2232,2232,5,5,32] and type float"
+    )
+    assert "Graph execution error" in text
+    assert describe_error(ValueError("bad\nthing"), "failed") == "ValueError: bad\nthing"
