@@ -350,13 +350,18 @@ def main(argv: list[str] | None = None) -> int:
     from bench.suite import SuiteError
 
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows up here, inside the handler, not at interpreter exit
+        return code
     except (SuiteError, SpecError, CalibrationError, UnknownBackendError, EnvError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except (DataNotFoundError, DataFormatError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # `bench ... | head`: the reader left early, which is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

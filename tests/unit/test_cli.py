@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -109,3 +111,18 @@ def test_dry_run_without_probe_is_unchanged(capsys, suite_file, probes):
     out = capsys.readouterr().out
     assert probes == [] and "projected" not in out and "probing" not in out
     assert len(_table(out)) == 6
+
+
+def test_output_into_a_closed_pipe_ends_quietly():
+    """`bench ... | head`: the reader leaves before bench has written; no traceback, exit 0."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench", "run", "quickstart", "--dry-run"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert proc.wait() == 0, stderr
+    assert "BrokenPipeError" not in stderr and "Traceback" not in stderr
