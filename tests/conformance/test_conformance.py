@@ -49,7 +49,7 @@ ILL_CONDITIONED = {("resnet18-gn", "adam", 3): 1e-3}
 ADAM_EPS = 1e-3
 # Probes run in two lanes side by side: much of their time is single-threaded tracing and
 # XLA compilation; results do not depend on timing. XLA variants share one lane, because
-# the keras-xla probe (XLA compiling TF Privacy's jacobian, ResNet-18 included) peaked at 14 GB.
+# the keras-xla probe (XLA compiling TF Privacy's jacobian, ResNet-18 included) peaked at 14 GB RSS (ps during make test).
 
 
 def _lanes(labels: list[str]) -> list[list[str]]:
