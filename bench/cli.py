@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -187,6 +188,80 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if all(o.status == "ok" for o in outcomes) else 1
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from bench.report import make_report, render
+
+    source = Path(args.results) if args.results else _results_dir(None)
+    report = make_report(source, suite=args.suite)
+    text = render(report, args.format)
+    for skipped in report.results.skipped:
+        print(f"warning: skipped unreadable result file {skipped.path}: {skipped.reason}", file=sys.stderr)
+    out = args.out or (Path("reports/index.html") if args.format == "html" else None)
+    if out is None:
+        sys.stdout.write(text)
+        return 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(out)
+    charts = text.count('class="chart"') if args.format == "html" else 0
+    detail = f", {charts} charts" if args.format == "html" else ""
+    print(f"wrote {out} ({len(report.runs)} runs in {len(report.sections)} workloads{detail})")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from bench import compare
+    from bench.baseline import resolve
+    from bench.resultset import load_results
+
+    thresholds = compare.Thresholds(
+        max_slowdown=args.max_slowdown,
+        max_accuracy_drop=args.max_accuracy_drop,
+        max_memory_growth=args.max_memory_growth,
+    )
+    current = load_results(args.current, suite=args.suite)
+    baseline = load_results(resolve(args.baseline), suite=args.suite)
+    result = compare.compare(current, baseline, thresholds)
+    if args.format == "json":
+        sys.stdout.write(compare.format_json(result))
+    elif args.format == "md":
+        sys.stdout.write(compare.format_markdown(result, verbose=args.verbose))
+    else:
+        sys.stdout.write(compare.format_text(result, verbose=args.verbose))
+    return result.exit_code
+
+
+def cmd_baseline(args: argparse.Namespace) -> int:
+    from bench import baseline
+
+    root = Path(args.root) if args.root else baseline.BASELINES_DIR
+    if args.action == "list":
+        for path in sorted(root.glob("*/baseline.json")):
+            info = json.loads(path.read_text())
+            print(f"{info['name']:<16} {info['runs']:>4} runs  {', '.join(info['suites'])}  saved {info['saved_at']}")
+        return 0
+    if not args.name:
+        print("error: bench baseline save NAME [RESULTS]: NAME is missing", file=sys.stderr)
+        return EXIT_USAGE
+    dest = baseline.save(_results_dir(args.results), args.name, suite=args.suite, root=root)
+    print(f"saved baseline {args.name!r} in {dest}")
+    return 0
+
+
+def _fraction(flag: str) -> Callable[[str], float]:
+    def parse(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if not (number >= 0 and math.isfinite(number)):
+            raise argparse.ArgumentTypeError(f"{flag}: got {value!r}, expected a number >= 0 such as 0.15")
+        return number
+
+    return parse
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from bench.data import loaders
 
@@ -312,6 +387,55 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--results", help="results folder (default: $BENCH_RESULTS_DIR or ./results)")
     r.set_defaults(func=cmd_run)
 
+    rep = sub.add_parser("report", help="one self-contained HTML report (or a Markdown summary) of a results folder")
+    rep.add_argument(
+        "results", nargs="?", help="results folder or Parquet file (default: $BENCH_RESULTS_DIR or ./results)"
+    )
+    rep.add_argument("--suite", help="only this suite's runs")
+    rep.add_argument(
+        "--out", type=Path, help="output file (default: reports/index.html for html, standard output for md)"
+    )
+    rep.add_argument("--format", choices=("html", "md"), default="html", help="html (default) or md")
+    rep.set_defaults(func=cmd_report)
+
+    cmp = sub.add_parser(
+        "compare",
+        help="compare results with a baseline: exit 0 if every check holds, 1 on a regression, 2 on unusable input",
+    )
+    cmp.add_argument("current", help="results folder or Parquet file")
+    cmp.add_argument("--baseline", required=True, help="results folder, Parquet file or saved baseline name")
+    cmp.add_argument("--suite", help="only this suite's runs (on both sides)")
+    cmp.add_argument(
+        "--max-slowdown",
+        type=_fraction("--max-slowdown"),
+        default=0.15,
+        help="relative growth of the DP overhead (and, on the same hardware, of seconds per epoch) that fails "
+        "(default 0.15)",
+    )
+    cmp.add_argument(
+        "--max-accuracy-drop",
+        type=_fraction("--max-accuracy-drop"),
+        default=0.01,
+        help="absolute drop of mean test accuracy that fails, if also beyond the seed spread (default 0.01)",
+    )
+    cmp.add_argument(
+        "--max-memory-growth",
+        type=_fraction("--max-memory-growth"),
+        default=0.25,
+        help="relative growth of peak memory that fails, same hardware only (default 0.25)",
+    )
+    cmp.add_argument("--format", choices=("text", "md", "json"), default="text")
+    cmp.add_argument("-v", "--verbose", action="store_true", help="list the checks that hold too")
+    cmp.set_defaults(func=cmd_compare)
+
+    bl = sub.add_parser("baseline", help="save or list baselines for `bench compare` (under baselines/)")
+    bl.add_argument("action", choices=("save", "list"))
+    bl.add_argument("name", nargs="?", help="baseline name (save)")
+    bl.add_argument("results", nargs="?", help="results folder (default: $BENCH_RESULTS_DIR or ./results)")
+    bl.add_argument("--suite", help="only this suite's runs")
+    bl.add_argument("--root", help="baselines folder (default: the repository's baselines/)")
+    bl.set_defaults(func=cmd_baseline)
+
     d = sub.add_parser("data", help="show which datasets are available and where")
     d.add_argument("--download", metavar="NAME", help="download mnist or cifar10 (needs a network)")
     d.set_defaults(func=cmd_data)
@@ -347,13 +471,14 @@ def main(argv: list[str] | None = None) -> int:
     from bench.backend import UnknownBackendError
     from bench.data.loaders import DataFormatError, DataNotFoundError
     from bench.envs import EnvError
+    from bench.resultset import ResultsError
     from bench.suite import SuiteError
 
     try:
         code = args.func(args)
         sys.stdout.flush()  # a closed pipe shows up here, inside the handler, not at interpreter exit
         return code
-    except (SuiteError, SpecError, CalibrationError, UnknownBackendError, EnvError) as e:
+    except (SuiteError, SpecError, CalibrationError, UnknownBackendError, EnvError, ResultsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except (DataNotFoundError, DataFormatError) as e:

@@ -23,17 +23,11 @@ from bench.memory import GIB, MemoryWatchdog, default_memory_limit_gb
 from bench.results import read_status, result_path, write_rows
 from bench.spec import RunSpec
 from bench.suite import Suite
+from bench.worker import THREAD_VARS
 
 EnvMode = Literal["isolated", "current"]
 FINAL = ("ok", "failed", "oom", "timeout", "diverged", "unsupported")
 NOT_RETRIED = ("ok", "unsupported")  # --retry-failed: an unsupported run would end the same way again
-THREAD_VARS = (
-    "OMP_NUM_THREADS",
-    "MKL_NUM_THREADS",
-    "OPENBLAS_NUM_THREADS",
-    "TF_NUM_INTRAOP_THREADS",
-    "BENCH_THREADS",
-)
 SHUFFLE_NOTE = "shuffle sampling: epsilon assumes Poisson subsampling and is not a valid guarantee"
 POLL_S = 0.2
 

@@ -64,6 +64,16 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+# Thread counts that the frameworks read at import: the runner sets them all to the run's `threads`.
+THREAD_VARS = (
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "TF_NUM_INTRAOP_THREADS",
+    "BENCH_THREADS",
+)
+
+
 def pin_threads(threads: int) -> None:
     """Restrict the process to `threads` CPUs (thread env vars are set by the runner)."""
     try:

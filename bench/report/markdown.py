@@ -1,0 +1,117 @@
+"""A short Markdown summary of a report for CI logs and pull requests: one table per workload."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pandas as pd
+
+from bench.report import tables
+from bench.report.model import Report, Section
+
+# Underscores only at a word's edge: GitHub does not emphasise inside words such as tf_privacy.
+_SPECIAL = re.compile(r"([\\`*\[\]|~]|(?<!\w)_|_(?!\w))")
+
+
+def escape(value: object) -> str:
+    """Text that Markdown (GitHub's included) shows literally: no HTML, links, emphasis or table breaks."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    text = " ".join(str(value).split())
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return _SPECIAL.sub(lambda m: "\\" + m.group(0), text)
+
+
+def _num(value: object, spec: str = ".4g", suffix: str = "") -> str:
+    try:
+        x = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return "—"
+    return "—" if math.isnan(x) else format(x, spec) + suffix
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _accuracy(pa: pd.DataFrame, label: str, privacy: str) -> str:
+    match = pa[(pa["label"] == label) & (pa["privacy"] == privacy)]
+    if match.empty:
+        return "—"
+    r = match.iloc[0]
+    spread = f" ± {r['accuracy_std']:.4f}" if r["seeds"] > 1 else ""
+    return f"{r['accuracy']:.4f}{spread} (n={int(r['seeds'])})"
+
+
+def _value(table: pd.DataFrame, label: str, mode: str, column: str, spec: str, suffix: str = "") -> str:
+    match = table[(table["label"] == label) & (table["mode"] == mode)] if not table.empty else table
+    return _num(match.iloc[0][column], spec, suffix) if not match.empty else "—"
+
+
+def _section(section: Section) -> list[str]:
+    lines = [f"## {escape(section.title)}", "", escape(section.settings()), ""]
+    if section.shuffled:
+        lines += ["> **Note:** shuffle-sampled DP runs: their ε assumes Poisson sampling and is not a guarantee.", ""]
+    dp_levels = [p for p in section.privacy_order if p != tables.NON_PRIVATE]
+    pa = section.privacy_accuracy
+    eps = []
+    for level in dp_levels:
+        match = pa[pa["privacy"] == level]
+        if not match.empty:
+            eps.append(
+                f"{escape(level)}: ε {match['epsilon'].iloc[0]:.3f} (PLD), {match['epsilon_rdp'].iloc[0]:.3f} (RDP)"
+            )
+    headers = ["backend:variant", "non-private acc", *(f"{escape(p)} acc" for p in dp_levels)]
+    headers += ["DP s/epoch", "non-private s/epoch", "DP overhead", "DP vs fastest", "DP peak MB"]
+    lines += [_row(headers), _row(["---"] * len(headers))]
+    for label in sorted(section.runs["label"].unique()):
+        cells = [escape(label), _accuracy(pa, label, tables.NON_PRIVATE)]
+        cells += [_accuracy(pa, label, p) for p in dp_levels]
+        cells += [
+            _value(section.speed, label, tables.DP, "seconds", ".3g"),
+            _value(section.speed, label, tables.NONDP, "seconds", ".3g"),
+            _value(section.speed, label, tables.DP, "dp_overhead", ".2f", "×"),
+            _value(section.speed, label, tables.DP, "vs_fastest", ".2f", "×"),
+            _value(section.memory, label, tables.DP, "peak_memory_mb", ".0f"),
+        ]
+        lines.append(_row(cells))
+    lines.append("")
+    if eps:
+        lines += ["Final " + "; ".join(eps) + ".", ""]
+    bad = section.runs[section.runs["status"] != "ok"]
+    if not bad.empty:
+        lines.append(f"{len(bad)} of {len(section.runs)} runs did not finish ok:")
+        for _, r in bad.iterrows():
+            reason = (r["error"] or "").strip().split("\n")[0]
+            lines.append(
+                f"- {escape(r['label'])} {escape(r['privacy'])} seed {escape(r['seed'])}: "
+                f"**{escape(r['status'])}** {escape(reason)}"
+            )
+        lines.append("")
+    return lines
+
+
+def render(report: Report) -> str:
+    counts = ", ".join(f"{n} {escape(s)}" for s, n in sorted(report.status_counts.items()))
+    lines = [
+        "# DP-SGD benchmark report",
+        "",
+        f"Suites: {escape(', '.join(report.suites))}. {len(report.runs)} runs ({counts}) "
+        f"from `{str(report.results.source).replace('`', '')}`.",
+        "",
+    ]
+    if report.results.skipped:
+        lines.append(f"{len(report.results.skipped)} result files could not be read:")
+        lines += [f"- {escape(s.path)}: {escape(s.reason)}" for s in report.results.skipped]
+        lines.append("")
+    for section in report.sections:
+        lines += _section(section)
+    lines += ["Seconds per epoch: median over epochs after the first; accuracy: final test accuracy, mean ± std.", ""]
+    lines.append("Provenance:")
+    for _, r in report.provenance.iterrows():
+        lines.append(
+            f"- {escape(r['label'])}: {escape(r['versions'])}; Python {escape(r['python'])}; "
+            f"{escape(r['hardware'])}, {escape(r['threads'])} threads; commit {escape(r['git_commit'])}"
+        )
+    return "\n".join(lines) + "\n"

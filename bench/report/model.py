@@ -1,0 +1,102 @@
+"""Everything a report shows, computed once from the results and shared by the HTML and Markdown writers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import pandas as pd
+
+from bench.report import tables
+from bench.resultset import ResultSet
+
+
+@dataclass(frozen=True, kw_only=True)
+class Section:
+    """One suite's workload: the runs in it share data, model and training settings."""
+
+    suite: str
+    workload: str
+    runs: pd.DataFrame
+    privacy_accuracy: pd.DataFrame
+    speed: pd.DataFrame
+    memory: pd.DataFrame
+    learning_curves: pd.DataFrame
+    epsilon_curves: pd.DataFrame
+    privacy_order: list[str]
+
+    @property
+    def title(self) -> str:
+        first = self.runs.iloc[0]
+        return f"{self.suite} / {self.workload}: {first['dataset']} × {first['model']}"
+
+    @property
+    def shuffled(self) -> bool:
+        return bool(((self.runs["sampling"] == "shuffle") & self.runs["dp"].astype(bool)).any())
+
+    def settings(self) -> str:
+        """The workload's shared settings in one line (the values of its first run; DP ones from a DP run)."""
+        first = self.runs.iloc[0]
+        dp = self.runs[self.runs["dp"].astype(bool)]
+        parts = [
+            f"{int(first['dataset_size'])} training examples" if pd.notna(first["dataset_size"]) else None,
+            f"{int(first['epochs'])} epochs" if pd.notna(first["epochs"]) else None,
+            f"expected batch {int(first['batch_size'])}" if pd.notna(first["batch_size"]) else None,
+            f"{first['optimizer']}" if isinstance(first["optimizer"], str) else None,
+        ]
+        if not dp.empty:
+            d = dp.iloc[0]
+            if pd.notna(d["max_grad_norm"]) and pd.notna(d["delta"]):
+                parts += [f"clipping norm C={d['max_grad_norm']:g}", f"δ={d['delta']:g}"]
+            parts.append(f"{d['sampling']} sampling")
+        return ", ".join(p for p in parts if p)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Report:
+    results: ResultSet
+    runs: pd.DataFrame
+    sections: list[Section]
+    labels: list[str]
+    provenance: pd.DataFrame
+    generated_at: datetime
+
+    @property
+    def suites(self) -> list[str]:
+        return sorted({s.suite for s in self.sections})
+
+    @property
+    def status_counts(self) -> dict[str, int]:
+        return tables.status_counts(self.runs)
+
+
+def build(results: ResultSet) -> Report:
+    rows = results.frame
+    run_table = tables.runs(rows)
+    sections = []
+    for suite, workload in tables.sections(run_table):
+        in_section = (run_table["suite"].astype(str) == suite) & (run_table["workload"].astype(str) == workload)
+        section_runs = run_table[in_section].reset_index(drop=True)
+        section_rows = rows[rows["run_id"].isin(section_runs["run_id"])]
+        order = list(dict.fromkeys(section_runs.sort_values("privacy_order", kind="stable")["privacy"]))
+        sections.append(
+            Section(
+                suite=suite,
+                workload=workload,
+                runs=section_runs,
+                privacy_accuracy=tables.privacy_accuracy(section_runs),
+                speed=tables.speed(section_rows, section_runs),
+                memory=tables.memory(section_runs),
+                learning_curves=tables.learning_curves(section_rows, section_runs),
+                epsilon_curves=tables.epsilon_curves(section_rows, section_runs),
+                privacy_order=order,
+            )
+        )
+    return Report(
+        results=results,
+        runs=run_table,
+        sections=sections,
+        labels=sorted(run_table["label"].unique()) if not run_table.empty else [],
+        provenance=tables.provenance(run_table),
+        generated_at=datetime.now(UTC),
+    )
