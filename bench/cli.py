@@ -219,6 +219,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         max_slowdown=args.max_slowdown,
         max_accuracy_drop=args.max_accuracy_drop,
         max_memory_growth=args.max_memory_growth,
+        absolute=not args.overhead_only,
     )
     current = load_results(args.current, suite=args.suite)
     baseline = load_results(resolve(args.baseline), suite=args.suite)
@@ -423,6 +424,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=_fraction("--max-memory-growth"),
         default=0.25,
         help="relative growth of peak memory that fails, same hardware only (default 0.25)",
+    )
+    cmp.add_argument(
+        "--overhead-only",
+        action="store_true",
+        help="judge speed by the DP overhead ratio only; show absolute seconds and memory without judging them",
     )
     cmp.add_argument("--format", choices=("text", "md", "json"), default="text")
     cmp.add_argument("-v", "--verbose", action="store_true", help="list the checks that hold too")

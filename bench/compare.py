@@ -52,16 +52,24 @@ Metric = Literal[
 
 @dataclass(frozen=True, kw_only=True)
 class Thresholds:
-    """When a difference is a regression. Slowdown and memory growth are relative, accuracy drop absolute."""
+    """When a difference is a regression. Slowdown and memory growth are relative, accuracy drop absolute.
+
+    `absolute=False` judges speed by the DP overhead ratio only: absolute seconds and memory are shown, not
+    judged, even on the same hardware (for gates on shared machines, where other load skews them).
+    """
 
     max_slowdown: float = 0.15
     max_accuracy_drop: float = 0.01
     max_memory_growth: float = 0.25
     epsilon_rtol: float = 1e-6
+    absolute: bool = True
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
-            if not (isinstance(value, int | float) and value >= 0 and math.isfinite(value)):
+            if name == "absolute":
+                if not isinstance(value, bool):
+                    raise ValueError(f"absolute: got {value!r}, expected true or false")
+            elif not (isinstance(value, int | float) and value >= 0 and math.isfinite(value)):
                 raise ValueError(f"{name}: got {value!r}, expected a finite number >= 0")
 
 
@@ -281,10 +289,12 @@ def _speed_checks(
         if b is None or c is None:
             continue
         threshold = t.max_memory_growth if "memory" in metric else t.max_slowdown
-        if metric == "dp_overhead" or same_hardware:
+        if metric == "dp_overhead" or (same_hardware and t.absolute):
             verdict, detail = _judge_growth(b, c, threshold)
-        else:
+        elif not same_hardware:
             verdict, detail = Verdict.INFO, "different hardware: absolute figures are not compared"
+        else:
+            verdict, detail = Verdict.INFO, "shown, not judged (--overhead-only)"
         checks.append(_check(ident, metric, b.median, c.median, verdict, detail))
     return checks
 

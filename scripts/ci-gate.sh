@@ -3,8 +3,10 @@
 # Exit status: bench compare's (0 every check holds, 1 a regression, 2 unusable input).
 #   CI_RESULTS       results folder (default results/ci-gate; emptied first unless CI_REUSE=1)
 #   CI_BASELINE      baseline name or folder (default ci)
-#   CI_MAX_SLOWDOWN  relative DP-overhead growth that fails (default 2.0, i.e. 3x: the suite's epochs last well under a
-#                    second, so only gross slowdowns are signal on a shared machine; suites/speed.yaml measures speed)
+#   CI_MAX_SLOWDOWN  relative DP-overhead growth that fails (default 4.0, i.e. 5x). The suite's epochs last 0.02-0.4 s
+#                    and another CPU-bound process on the machine slows torch's threads 10-100x, so speed is judged
+#                    by the overhead ratio only (--overhead-only) and only gross slowdowns fail; accuracy, epsilon,
+#                    noise and status are judged exactly. Measure speed with full suites (suites/speed.yaml).
 set -uo pipefail
 BIN=${BIN:-.venv/bin}
 results=${CI_RESULTS:-results/ci-gate}
@@ -16,5 +18,5 @@ fi
 "$BIN/bench" run ci --results "$results"
 "$BIN/bench" report "$results" --suite ci --out "${CI_REPORT:-reports/ci.html}" || exit 2
 "$BIN/bench" compare "$results" --baseline "$baseline" --suite ci \
-  --max-slowdown "${CI_MAX_SLOWDOWN:-2.0}" --max-accuracy-drop "${CI_MAX_ACCURACY_DROP:-0.01}" \
+  --overhead-only --max-slowdown "${CI_MAX_SLOWDOWN:-4.0}" --max-accuracy-drop "${CI_MAX_ACCURACY_DROP:-0.01}" \
   --max-memory-growth "${CI_MAX_MEMORY_GROWTH:-0.5}"

@@ -266,3 +266,14 @@ def test_micro_benchmarks_are_shown_not_judged(tmp_path, capsys):
     assert result.exit_code == 0
     main(["compare", str(cur), "--baseline", str(base)])
     assert "4.000 ms" in capsys.readouterr().out
+
+
+def test_overhead_only_shows_absolute_seconds_without_judging_them(tmp_path):
+    """A busy machine slows everything: with absolute=False only the overhead ratio can fail."""
+    slow = {"seconds": tuple(3 * s for s in NP_SECONDS)}
+    base, cur = folders(tmp_path, **{"jax-np-0": slow, "jax-np-1": slow})
+    assert ("jax:vmap", "DP vs non-private", "non_private_seconds") in bad(run_compare(base, cur))
+    result = run_compare(base, cur, absolute=False)
+    assert result.exit_code == 0
+    absolute = next(c for c in result.checks if c.metric == "non_private_seconds" and c.label == "jax:vmap")
+    assert absolute.verdict == Verdict.INFO and "not judged" in absolute.detail
