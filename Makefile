@@ -45,7 +45,7 @@ bench: setup
 	$(BIN)/python -m pytest tests/benchmarks/test_core_step.py -p no:cacheprovider --benchmark-json=$(BENCH_JSON)/core.json
 	for b in $(BACKENDS); do \
 	  .envs/$$b/bin/python -m pip install -q --disable-pip-version-check pytest pytest-benchmark && \
-	  PYTHONPATH=. .envs/$$b/bin/python -m pytest tests/benchmarks/test_backend_step.py -p no:cacheprovider \
+	  PYTHONPATH=. .envs/$$b/bin/python -m pytest tests/benchmarks/test_backend_step.py tests/benchmarks/test_jax_kernels.py -p no:cacheprovider \
 	    --benchmark-json=$(BENCH_JSON)/$$b.json || exit 1; \
 	done
 

@@ -118,7 +118,7 @@ def create_backend(name: str) -> Backend:
     return getattr(importlib.import_module(module), cls)()
 
 
-register_backend(BackendInfo("jax", "backends.jax.backend:JaxBackend", ("vmap",), "backends/jax/requirements.txt"))
+register_backend(BackendInfo("jax", "backends.jax.backend:JaxBackend", ("bk", "vmap"), "backends/jax/requirements.txt"))
 register_backend(
     BackendInfo(
         "opacus",

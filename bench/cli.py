@@ -210,6 +210,27 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_speed(args: argparse.Namespace) -> int:
+    """Markdown speed tables of a results folder; with --check, exit 1 unless every target of the label is met."""
+    from bench.report import speed
+    from bench.resultset import ResultsError, load_results
+
+    source = Path(args.results) if args.results else _results_dir(None)
+    results = load_results(source, suite=args.suite)
+    for skipped in results.skipped:
+        print(f"warning: skipped unreadable result file {skipped.path}: {skipped.reason}", file=sys.stderr)
+    rows = speed.pick_suite(results.frame, args.suite)
+    label = args.label or speed.default_label()
+    known = speed.labels(rows)
+    if label not in known:
+        raise ResultsError(
+            f"{source}: --label {label!r}: no runs of that backend:variant; labels there: {', '.join(known)}"
+        )
+    report = speed.build(rows, label)
+    sys.stdout.write(speed.render_speed(report))
+    return 0 if not args.check or report.passed else 1
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from bench import compare
     from bench.baseline import resolve
@@ -398,6 +419,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("--format", choices=("html", "md"), default="html", help="html (default) or md")
     rep.set_defaults(func=cmd_report)
+
+    sp = sub.add_parser(
+        "speed",
+        help="Markdown table of what DP costs per backend/variant (seconds, ratios, memory) and its speed targets",
+        description="Prints one Markdown table per workload: DP and non-private seconds per epoch, DP / non-private, "
+        "DP / the fastest DP and non-private, peak memory and the core's share of the epoch, then the targets of "
+        "one backend:variant. --check: exit 1 unless every target is met, 2 on unusable input.",
+    )
+    sp.add_argument(
+        "results", nargs="?", help="results folder or Parquet file (default: $BENCH_RESULTS_DIR or ./results)"
+    )
+    sp.add_argument("--suite", help="only this suite's runs (default: the 'speed' suite if present, else all)")
+    sp.add_argument("--label", help="backend:variant whose targets are checked (default: jax's default variant)")
+    sp.add_argument("--check", action="store_true", help="exit 1 if a target is missed or cannot be measured")
+    sp.set_defaults(func=cmd_speed)
 
     cmp = sub.add_parser(
         "compare",

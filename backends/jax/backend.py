@@ -1,8 +1,12 @@
 """JAX DP-SGD (Abadi et al. 2016) as small pure functions composed into one jitted step.
 
-The padded batch is split into chunks of the physical batch size; per-example gradients
-of each chunk are clipped and summed under `lax.scan`, so memory is bounded by one chunk
-and a rare oversized Poisson batch costs one extra compilation, nothing more.
+A batch of the physical size is one call of the chunk function. A rare oversized Poisson
+batch is split into chunks of the physical size whose clipped sums are added under `lax.scan`,
+so memory stays bounded by one chunk and it costs one extra compilation. Not every batch goes
+through the scan: XLA's CPU back end runs a convolution's filter gradient over 100x slower inside
+a loop body than outside (2.8 s against 25 ms for the Fashion-MNIST CNN's second convolution at
+batch 2232, tests/benchmarks/test_jax_kernels.py); its non-private step went from 6.0 s to 0.38 s
+when the single chunk left the scan.
 """
 
 from __future__ import annotations
@@ -16,12 +20,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from backends.jax import bk
 from backends.jax.models import Params, make_apply
 from bench.backend import StepStats
 from bench.models import ModelSpec
 from bench.spec import OptimizerSpec, RunSpec
 
 CLIP_EPS = 1e-6  # as Opacus: factor = min(1, C / (norm + 1e-6))
+
+# The original (non-partitionable) threefry draws the step's Gaussian noise 1.8x faster on CPU (89 ms against
+# 161 ms for ResNet-18's 11.2M parameters on 2 cores, tests/benchmarks/test_jax_kernels.py); only the stream
+# differs, not the distribution. Partitionable keys matter for sharded arrays, which this backend never uses.
+jax.config.update("jax_threefry_partitionable", False)
 
 
 def make_optimizer(opt: OptimizerSpec) -> optax.GradientTransformation:
@@ -107,6 +117,8 @@ def accumulate(chunk_sum: Callable, physical: int) -> Callable:
     """Sum `chunk_sum` over physical-size chunks of a padded batch with lax.scan."""
 
     def total(params: Params, x: jax.Array, y: jax.Array, mask: jax.Array):
+        if x.shape[0] == physical:
+            return chunk_sum(params, x, y, mask)
         xs = _chunks(physical, x, y, mask)
 
         def body(carry, chunk):
@@ -123,7 +135,9 @@ def accumulate(chunk_sum: Callable, physical: int) -> Callable:
 
 class JaxBackend:
     name: ClassVar[str] = "jax"
-    variants: ClassVar[tuple[str, ...]] = ("vmap",)
+    # bk: book-keeping clipping (backends/jax/bk.py), the default: the fastest;
+    # vmap: per-example gradients by jax.vmap, the reference of tests/conformance.
+    variants: ClassVar[tuple[str, ...]] = ("bk", "vmap")
 
     def versions(self) -> dict[str, str]:
         device = jax.devices()[0]
@@ -139,7 +153,11 @@ class JaxBackend:
     ) -> None:
         self.run = run
         self._physical = physical_batch_size
-        self._model_apply = make_apply(model)
+        self._model = model
+        self._variant = run.variant or self.variants[0]
+        if self._variant not in self.variants:
+            raise ValueError(f"jax has no variant {self._variant!r}; known: {', '.join(self.variants)}")
+        self._model_apply = bk.make_apply(model) if self._variant == "bk" else make_apply(model)
         self._apply = jax.jit(self._model_apply)
         self._params = {k: jnp.asarray(v) for k, v in init_params.items()}
         self._opt = make_optimizer(run.train.optimizer)
@@ -151,7 +169,10 @@ class JaxBackend:
 
     def _make_step(self) -> Callable:
         run, dp = self.run, self.run.dp
-        if dp.enabled:
+        if dp.enabled and self._variant == "bk":
+            clip = lambda norms, mask: clip_factors(norms, dp.max_grad_norm, mask)  # noqa: E731
+            chunk_sum = bk.make_clipped_sum(self._model, cross_entropy, clip)
+        elif dp.enabled:
             chunk_sum = make_clipped_sum(self._model_apply, dp.max_grad_norm)
         else:
             chunk_sum = make_masked_sum(self._model_apply)

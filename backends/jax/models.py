@@ -15,7 +15,7 @@ Params = dict[str, jax.Array]
 GN_EPS = 1e-5
 
 
-def _conv(p: Params, layer: Conv, x: jax.Array) -> jax.Array:
+def conv(p: Params, layer: Conv, x: jax.Array) -> jax.Array:
     pad = [(layer.padding, layer.padding)] * 2
     y = lax.conv_general_dilated(
         x, p[f"{layer.name}/kernel"], (layer.stride, layer.stride), pad, dimension_numbers=("NHWC", "HWIO", "NHWC")
@@ -23,13 +23,17 @@ def _conv(p: Params, layer: Conv, x: jax.Array) -> jax.Array:
     return y + p[f"{layer.name}/bias"] if layer.bias else y
 
 
-def _group_norm(p: Params, layer: GroupNorm, x: jax.Array) -> jax.Array:
+def normalize(layer: GroupNorm, x: jax.Array) -> jax.Array:
+    """GroupNorm without its affine part."""
     n, h, w, c = x.shape
     g = x.reshape(n, h, w, layer.groups, c // layer.groups)
     mean = g.mean(axis=(1, 2, 4), keepdims=True)
     var = g.var(axis=(1, 2, 4), keepdims=True)
-    g = (g - mean) * lax.rsqrt(var + GN_EPS)
-    return g.reshape(n, h, w, c) * p[f"{layer.name}/scale"] + p[f"{layer.name}/bias"]
+    return ((g - mean) * lax.rsqrt(var + GN_EPS)).reshape(n, h, w, c)
+
+
+def _group_norm(p: Params, layer: GroupNorm, x: jax.Array) -> jax.Array:
+    return normalize(layer, x) * p[f"{layer.name}/scale"] + p[f"{layer.name}/bias"]
 
 
 def _max_pool(layer: MaxPool, x: jax.Array) -> jax.Array:
@@ -38,9 +42,9 @@ def _max_pool(layer: MaxPool, x: jax.Array) -> jax.Array:
     return lax.reduce_window(x, -jnp.inf, lax.max, window, (1, layer.stride, layer.stride, 1), pad)
 
 
-def _layer(p: Params, layer: Layer, x: jax.Array) -> jax.Array:
+def layer_apply(p: Params, layer: Layer, x: jax.Array) -> jax.Array:
     if isinstance(layer, Conv):
-        return _conv(p, layer, x)
+        return conv(p, layer, x)
     if isinstance(layer, Dense):
         return x @ p[f"{layer.name}/kernel"] + p[f"{layer.name}/bias"]
     if isinstance(layer, Act):
@@ -60,7 +64,7 @@ def _layer(p: Params, layer: Layer, x: jax.Array) -> jax.Array:
 
 def _sequence(p: Params, layers: tuple[Layer, ...], x: jax.Array) -> jax.Array:
     for layer in layers:
-        x = _layer(p, layer, x)
+        x = layer_apply(p, layer, x)
     return x
 
 

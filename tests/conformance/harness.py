@@ -41,10 +41,12 @@ def python_for(backend: str) -> str | None:
 
 
 def installed_labels() -> list[str]:
+    """Every variant of every installed backend; `BENCH_CONFORMANCE_BACKENDS=jax,opacus` narrows it."""
+    wanted = [b for b in os.environ.get("BENCH_CONFORMANCE_BACKENDS", "").split(",") if b]
     return [
         f"{name}:{variant}"
         for name in backend_names()
-        if python_for(name)
+        if python_for(name) and (not wanted or name in wanted)
         for variant in get_backend_info(name).variants
     ]
 

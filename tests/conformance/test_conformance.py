@@ -23,6 +23,10 @@ LABELS = h.installed_labels()
 OTHERS = [label for label in LABELS if label != h.REFERENCE]
 MODEL_NAMES = [name for name, _, _ in h.MODELS]
 NOISE_SIGMA, NOISE_C, NOISE_LR = 1.0, 1.0, 1.0
+# A batch larger than the physical size arrives as a multiple of it and is taken in chunks (the JAX backend
+# adds chunk sums under lax.scan, a path a single chunk skips); one small and one convolutional model cover it.
+CHUNKED_MODELS = ("mlp", "cnn-tanh")
+CHUNK = h.PHYSICAL // 2
 
 # fp32 tolerances: different kernels (XLA vs. oneDNN convolutions, summation orders)
 # agree to ~1e-6 relative; a contract violation (wrong clip, divisor, layout) is >= 1e-2.
@@ -113,6 +117,11 @@ def _cases(label: str, clip: dict[str, tuple[float, np.ndarray]]) -> list[dict]:
             h.case(f"{name}/logits", dp0, shape, logits=f"{name}/logits_x"),
             h.case(f"{name}/sgd", sgd, shape, steps=h.steps(name)),
             h.case(f"{name}/sgd_zero", sgd, shape, steps=h.steps(name, zero=True, n=1)),
+            *(
+                [h.case(f"{name}/sgd_chunked", sgd, shape, steps=h.steps(name), physical_batch_size=CHUNK)]
+                if name in CHUNKED_MODELS
+                else []
+            ),
             h.case(f"{name}/adam", adam, shape, steps=h.steps(name)),
             h.case(f"{name}/nonprivate", nonprivate, shape, steps=h.steps(name)),
             h.case(f"{name}/noise", noisy, shape, steps=h.steps(name, mask="empty_mask", n=1)),
@@ -205,6 +214,16 @@ def test_padded_rows_change_nothing(outputs, label, model):
     garbage = _params_at(outputs, label, f"{model}/sgd", 1)
     zeros = _params_at(outputs, label, f"{model}/sgd_zero", 1)
     _assert_params_close(garbage, zeros, f"{label} {model}: garbage vs zero padding", dict(rtol=1e-6, atol=1e-7))
+
+
+@pytest.mark.parametrize("model", CHUNKED_MODELS)
+@pytest.mark.parametrize("label", LABELS)
+def test_chunked_batch_matches_one_chunk(outputs, label, model):
+    """A batch of two physical chunks gives the reference's one-chunk update: chunk sums add up exactly."""
+    expected = _params_at(outputs, h.REFERENCE, f"{model}/sgd", 3)
+    actual = _params_at(outputs, label, f"{model}/sgd_chunked", 3)
+    _assert_params_close(actual, expected, f"{label} {model}: {h.PHYSICAL} rows in chunks of {CHUNK}")
+    assert _get(outputs, label, f"{model}/sgd_chunked/step3/stats")[2] == h.REAL_ROWS
 
 
 @pytest.mark.parametrize("model", MODEL_NAMES)

@@ -68,7 +68,7 @@ def test_rows_are_consistent(finished):
     df = read_results(root / "results").to_pandas()
     assert set(df.status) == {"ok"}
     assert set(df.schema_version) == {SCHEMA_VERSION}
-    assert set(df.backend) == {"jax"} and set(df.variant) == {"vmap"}
+    assert set(df.backend) == {"jax"} and set(df.variant) == {"bk"}
     for _, run in df.groupby("run_id"):
         run = run.sort_values("epoch")
         assert list(run.epoch) == [1, 2, 3]

@@ -94,7 +94,7 @@ def test_tf_accuracy_matches_jax_on_the_same_workload(results):
     """Same weights, batches, clipping and divisor: only the noise draws differ."""
     _, df = results
     tf = _final(df, "synthetic-mlp", "tf_privacy:vectorized").test_accuracy
-    jax = _final(df, "synthetic-mlp", "jax:vmap").test_accuracy
+    jax = _final(df, "synthetic-mlp", "jax:bk").test_accuracy
     assert abs(tf - jax) < 0.15
 
 

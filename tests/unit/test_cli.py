@@ -85,8 +85,8 @@ def test_dry_run_probes_each_distinct_cost_once_and_projects_every_run(capsys, s
     assert cli.main([*argv, "--results", str(suite_file.parent / "r")]) == 0
     out = capsys.readouterr().out
     assert [c[:3] for c in probes] == [(False, 3, 60.0), (True, 3, 60.0)]
-    assert "probing jax:vmap synth mlp non-private ... 1 s/step" in out
-    assert "probing jax:vmap synth mlp dp ... oom: worker used 9.0 GiB" in out
+    assert "probing jax:bk synth mlp non-private ... 1 s/step" in out
+    assert "probing jax:bk synth mlp dp ... oom: worker used 9.0 GiB" in out
     rows = _table(out)
     assert len(rows) == 6
     projected = [line.split()[-2] for line in rows]

@@ -109,7 +109,7 @@ def test_grid_is_workloads_x_privacy_x_backends_x_seeds(tmp_path, two_backends):
     expected = set()
     for workload, settings in (("synth-mlp", [(False, None), (True, 1.0), (True, 2.0)]), ("digits-mlp", [(True, 0.8)])):
         for (enabled, sigma), (b, v), seed in itertools.product(
-            settings, [("jax", "vmap"), ("fake", "fast"), ("fake", "slow")], [0, 1]
+            settings, [("jax", "bk"), ("fake", "fast"), ("fake", "slow")], [0, 1]
         ):
             expected.add((workload, enabled, sigma, b, v, seed))
     assert set(combos) == expected
@@ -123,7 +123,7 @@ def test_runs_carry_the_workload_settings(tmp_path):
     for r in suite.runs:
         assert r.suite == "unit"
         assert r.perf.threads == 3
-        assert (r.backend, r.variant, r.seed) == ("jax", "vmap", 0)
+        assert (r.backend, r.variant, r.seed) == ("jax", "bk", 0)
     for r in synth:
         assert r.dataset.name == "synthetic" and r.dataset.train_size == 1000 and r.dataset.test_size == 200
         assert r.dataset_size == 1000
@@ -155,7 +155,7 @@ def test_backends_and_seeds_overrides(tmp_path, two_backends):
     suite = load_suite(path, backends="jax,fake:slow", seeds=[5, 6, 7])
     assert len(suite.runs) == 4 * 2 * 3
     assert {r.seed for r in suite.runs} == {5, 6, 7}
-    assert {(r.backend, r.variant) for r in suite.runs} == {("jax", "vmap"), ("fake", "slow")}
+    assert {(r.backend, r.variant) for r in suite.runs} == {("jax", "bk"), ("fake", "slow")}
     assert len(load_suite(path, backends=["fake"]).runs) == 4
     assert {r.variant for r in load_suite(path, backends=["fake"]).runs} == {"fast"}  # default variant
 

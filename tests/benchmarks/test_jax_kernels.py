@@ -1,0 +1,85 @@
+"""The XLA measurements behind the choices in backends/jax (bk.py, backend.py), side by side.
+
+Each group times two ways of computing the same thing; `make bench` writes them to results/_benchmarks/jax.json
+and `pytest-benchmark compare` (or the terminal table) shows the ratio. Runs in the JAX environment only.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+jax = pytest.importorskip("jax")
+jnp = jax.numpy
+lax = jax.lax
+
+from backends.jax import bk  # noqa: E402
+from backends.jax import models as zoo  # noqa: E402
+from bench.models import Conv, MaxPool  # noqa: E402
+
+
+def _timed(benchmark, fn, *args):
+    fn = jax.jit(fn)
+    jax.block_until_ready(fn(*args))
+    return benchmark.pedantic(lambda: jax.block_until_ready(fn(*args)), rounds=5, warmup_rounds=1)
+
+
+def _normal(shape, seed=0):
+    return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+
+
+# ResNet-18's third stage on 32x32 inputs: a 3x3 convolution on a 2x2 input, batch 320.
+SMALL = Conv("c", 256, 3, padding=1, bias=False)
+SMALL_X = (320, 2, 2, 256)
+
+
+@pytest.mark.benchmark(group="conv-small-output-forward")
+@pytest.mark.parametrize("form", ["xla", "patches"])
+def test_small_output_conv(benchmark, form):
+    conv = zoo.conv if form == "xla" else bk.conv
+    p = {"c/kernel": _normal((3, 3, 256, 256))}
+    out = _timed(benchmark, lambda p, x: conv(p, SMALL, x), p, _normal(SMALL_X))
+    assert out.shape == SMALL_X
+
+
+# The Fashion-MNIST CNN's second convolution at batch 2232: its filter gradient outside and inside a loop body.
+CONV2 = Conv("c", 32, 4, stride=2)
+
+
+def _filter_grad(x, g, k):
+    _, vjp = jax.vjp(lambda k: zoo.conv({"c/kernel": k, "c/bias": jnp.zeros(32)}, CONV2, x), k)
+    return vjp(g)[0]
+
+
+@pytest.mark.benchmark(group="filter-gradient-in-scan")
+@pytest.mark.parametrize("where", ["plain", "scan"])
+def test_filter_gradient_in_scan(benchmark, where):
+    x, g, k = _normal((2232, 13, 13, 16)), _normal((2232, 5, 5, 32), 1), _normal((4, 4, 16, 32), 2)
+    if where == "plain":
+        fn = _filter_grad
+    else:
+
+        def fn(x, g, k):
+            return lax.scan(lambda c, xg: (c, _filter_grad(xg[0], xg[1], k)), 0.0, (x[None], g[None]))[1][0]
+
+    assert _timed(benchmark, fn, x, g, k).shape == k.shape
+
+
+@pytest.mark.benchmark(group="max-pool-gradient")
+@pytest.mark.parametrize("form", ["reduce_window", "slices"])
+def test_max_pool_gradient(benchmark, form):
+    layer = MaxPool(2, 1)
+    pool = (lambda x: zoo.layer_apply({}, layer, x)) if form == "reduce_window" else (lambda x: bk.max_pool(layer, x))
+    x = _normal((2232, 14, 14, 16))
+    assert _timed(benchmark, jax.grad(lambda x: jnp.sum(pool(x) ** 2)), x).shape == x.shape
+
+
+@pytest.mark.benchmark(group="noise-11M")
+@pytest.mark.parametrize("partitionable", [False, True])
+def test_threefry_noise(benchmark, partitionable):
+    before = jax.config.jax_threefry_partitionable
+    jax.config.update("jax_threefry_partitionable", partitionable)
+    try:
+        out = _timed(benchmark, lambda k: jax.random.normal(k, (11_200_000,)), jax.random.key(0))
+    finally:
+        jax.config.update("jax_threefry_partitionable", before)
+    assert out.shape == (11_200_000,)
