@@ -21,6 +21,8 @@ import statistics
 import sys
 import time
 import traceback
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +110,25 @@ class BatchSource:
         return pad_batch(x, self.data.y_train[idx], self.physical)
 
 
+Batch = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def prefetched(source: BatchSource, steps: range) -> Iterator[tuple[int, Batch]]:
+    """(step, batch) for `steps`, each batch drawn on a background thread while the backend runs the one before.
+
+    The batches are the ones drawn inline (the source is pure in (seed, step)); the core's work (sampling,
+    gathering, augmentation, padding) then hides behind the backend's step instead of adding to the epoch.
+    On a GPU, where a step takes milliseconds, it was a third of the epoch.
+    """
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="batches") as pool:
+        pending = pool.submit(source.batch, steps[0]) if steps else None
+        for i, step in enumerate(steps):
+            batch = pending.result()
+            if i + 1 < len(steps):
+                pending = pool.submit(source.batch, steps[i + 1])
+            yield step, batch
+
+
 def cross_entropy(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
     z = logits - logits.max(-1, keepdims=True)
     return np.log(np.exp(z).sum(-1)) - z[np.arange(len(y)), y]
@@ -157,14 +178,14 @@ def probe(run: RunSpec, data: Dataset, backend: Backend, events: Events, steps: 
 
 def train(run: RunSpec, data: Dataset, backend: Backend, events: Events) -> None:
     source, _ = build(run, data, backend, events)
-    step = 0
+    batches = prefetched(source, range(run.total_steps))
     for epoch in range(1, run.train.epochs + 1):
         epoch_start = time.perf_counter()
         train_seconds = 0.0
         loss_sum = correct = examples = 0.0
         last_progress = 0.0
         for _ in range(run.steps_per_epoch):
-            x, y, mask = source.batch(step)
+            step, (x, y, mask) = next(batches)
             t = time.perf_counter()
             stats = backend.train_step(x, y, mask)
             dt = time.perf_counter() - t
@@ -176,10 +197,9 @@ def train(run: RunSpec, data: Dataset, backend: Backend, events: Events) -> None
             loss_sum += stats.loss * stats.examples
             correct += stats.accuracy * stats.examples
             examples += stats.examples
-            step += 1
             if time.perf_counter() - last_progress > PROGRESS_INTERVAL_S:
                 last_progress = time.perf_counter()
-                events.emit("progress", epoch=epoch, step=step, total_steps=run.total_steps)
+                events.emit("progress", epoch=epoch, step=step + 1, total_steps=run.total_steps)
         epoch_seconds = time.perf_counter() - epoch_start
         test_loss, test_acc = evaluate(backend, data.x_test, data.y_test, run.train.eval_batch_size)
         if not math.isfinite(test_loss):
@@ -187,7 +207,7 @@ def train(run: RunSpec, data: Dataset, backend: Backend, events: Events) -> None
         events.emit(
             "epoch",
             epoch=epoch,
-            steps=step,
+            steps=step + 1,
             examples=int(examples),
             train_loss=loss_sum / examples if examples else float("nan"),
             train_accuracy=correct / examples if examples else float("nan"),

@@ -211,10 +211,18 @@ def check(section: pd.DataFrame, label: str, targets: tuple[Target, ...] = TARGE
     return tuple(results)
 
 
+REASON_CHARS = 200  # a framework's first error line can be kilobytes (XLA prints whole HLO instructions)
+
+
+def _reason(error: str | None) -> str:
+    line = (error or "").strip().split("\n")[0]
+    return line if len(line) <= REASON_CHARS else line[: REASON_CHARS - 1] + "…"
+
+
 def failed_runs(section_runs: pd.DataFrame) -> pd.DataFrame:
-    """The runs that did not end ok, with the first line of their error as the reason."""
+    """The runs that did not end ok, with the first line of their error (cut to REASON_CHARS) as the reason."""
     bad = section_runs[section_runs["status"] != "ok"]
-    out = bad[["label", "privacy", "status"]].assign(reason=[(e or "").strip().split("\n")[0] for e in bad["error"]])
+    out = bad[["label", "privacy", "status"]].assign(reason=[_reason(e) for e in bad["error"]])
     return out[FAILED_COLUMNS].reset_index(drop=True)
 
 

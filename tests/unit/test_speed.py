@@ -283,3 +283,12 @@ def test_cli_missing_or_empty_folder_exits_2(tmp_path, capsys):
     assert f"{tmp_path / 'nope'}: no such file or folder" in capsys.readouterr().err
     assert main(["speed", str(tmp_path)]) == 2
     assert "no result files" in capsys.readouterr().err
+
+
+def test_a_long_error_line_is_cut_in_the_listing():
+    assert (
+        speed._reason("Boom: " + "x" * 5000 + "\nsecond line")
+        == ("Boom: " + "x" * 5000)[: speed.REASON_CHARS - 1] + "…"
+    )
+    assert speed._reason("short\nsecond") == "short"
+    assert speed._reason(None) == ""

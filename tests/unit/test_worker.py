@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -158,3 +159,52 @@ def test_oom_error_leads_with_the_allocation_line():
     )
     assert "Graph execution error" in text
     assert describe_error(ValueError("bad\nthing"), "failed") == "ValueError: bad\nthing"
+
+
+class _RecordingSource:
+    """A batch source that records which thread drew each step's batch."""
+
+    def __init__(self):
+        self.threads: dict[int, str] = {}
+
+    def batch(self, step: int):
+        self.threads[step] = threading.current_thread().name
+        return np.full(2, step), np.zeros(2), np.ones(2)
+
+
+def test_prefetched_yields_every_step_in_order_drawn_off_the_main_thread():
+    source = _RecordingSource()
+    out = list(worker.prefetched(source, range(3, 8)))
+    assert [step for step, _ in out] == [3, 4, 5, 6, 7]
+    assert all((batch[0] == step).all() for step, batch in out)
+    assert sorted(source.threads) == [3, 4, 5, 6, 7]
+    assert all(name.startswith("batches") for name in source.threads.values())
+    assert list(worker.prefetched(source, range(0))) == []
+
+
+def test_prefetched_batches_equal_the_inline_ones():
+    """The source is pure in (seed, step): drawing ahead on another thread changes no batch."""
+    from bench.data.prepare import Dataset
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(200, 4, 4, 1)).astype(np.float32), rng.integers(0, 3, 200)
+    run = RunSpec(
+        suite="s",
+        workload="w",
+        dataset=DatasetSpec(name="synthetic", shape=(4, 4, 1), num_classes=3, augment=True),
+        model="mlp",
+        train=TrainConfig(epochs=1, batch_size=50),
+        dp=DPConfig(noise_multiplier=1.0),
+        backend="jax",
+        dataset_size=200,
+    )
+    source = worker.BatchSource(run, Dataset(x, y, x[:10], y[:10], 3))
+    for step, (x, y, mask) in worker.prefetched(source, range(6)):
+        ex, ey, em = source.batch(step)
+        assert np.array_equal(x, ex) and np.array_equal(y, ey) and np.array_equal(mask, em)
+
+
+def test_epoch_events_count_the_steps_done(tmp_path, fake):
+    job, events = _job(tmp_path)
+    assert worker.main([str(job)]) == 0
+    assert [e["steps"] for e in _events(events) if e["event"] == "epoch"] == [4, 8]
