@@ -5,8 +5,7 @@ batch is split into chunks of the physical size whose clipped sums are added und
 so memory stays bounded by one chunk and it costs one extra compilation. Not every batch goes
 through the scan: XLA's CPU back end runs a convolution's filter gradient over 100x slower inside
 a loop body than outside (2.8 s against 25 ms for the Fashion-MNIST CNN's second convolution at
-batch 2232, tests/benchmarks/test_jax_kernels.py); its non-private step went from 6.0 s to 0.38 s
-when the single chunk left the scan.
+batch 2232, tests/benchmarks/test_jax_kernels.py), and a batch of one chunk needs no loop.
 """
 
 from __future__ import annotations

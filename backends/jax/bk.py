@@ -18,7 +18,7 @@ inputs) is one matmul on patches, since XLA's CPU convolution is 26x slower ther
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
+from functools import partial, reduce
 
 import jax
 import jax.numpy as jnp
@@ -43,6 +43,11 @@ def _windows(x: jax.Array, kernel: int, stride: int, ho: int, wo: int) -> list[j
     ]
 
 
+def _patches(layer: Conv, x: jax.Array, ho: int, wo: int) -> jax.Array:
+    """(N, ho, wo, k*k*C): each output position's input window, in the HWIO kernel's (i, j, c) order."""
+    return jnp.concatenate(_windows(_pad(x, layer.padding), layer.kernel, layer.stride, ho, wo), axis=-1)
+
+
 def _space_to_depth(x: jax.Array, s: int) -> jax.Array:
     """(N, H, W, C) -> (N, H/s, W/s, s*s*C), zero-padding H and W up to multiples of s."""
     n, h, w, c = x.shape
@@ -61,9 +66,8 @@ def conv(p: Params, layer: Conv, x: jax.Array) -> jax.Array:
     wo = (x.shape[2] + 2 * layer.padding - k) // s + 1
     if ho * wo > SMALL_OUTPUT:
         return models.conv(p, layer, x)
-    patches = jnp.concatenate(_windows(_pad(x, layer.padding), k, s, ho, wo), axis=-1)
     kernel = p[f"{layer.name}/kernel"]
-    y = patches @ kernel.reshape(-1, kernel.shape[-1])
+    y = _patches(layer, x, ho, wo) @ kernel.reshape(-1, kernel.shape[-1])
     return y + p[f"{layer.name}/bias"] if layer.bias else y
 
 
@@ -103,7 +107,7 @@ def conv_sq_norms(layer: Conv, x: jax.Array, g: jax.Array) -> jax.Array:
     k, s, c = layer.kernel, layer.stride, x.shape[-1]
     t = ho * wo
     if 2 * t * (k * k * c + o) < k * k * c * o:
-        a = jnp.concatenate(_windows(_pad(x, layer.padding), k, s, ho, wo), axis=-1).reshape(n, t, -1)
+        a = _patches(layer, x, ho, wo).reshape(n, t, -1)
         g2 = g.reshape(n, t, o)
         return jnp.sum(jnp.einsum("btk,bsk->bts", a, a) * jnp.einsum("bto,bso->bts", g2, g2), axis=(1, 2))
     if k % s:
@@ -117,12 +121,7 @@ def max_pool(layer: MaxPool, x: jax.Array) -> jax.Array:
     if p:
         x = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), constant_values=-jnp.inf)
     ho, wo = (x.shape[1] - k) // s + 1, (x.shape[2] - k) // s + 1
-    out = None
-    for i in range(k):
-        for j in range(k):
-            window = x[:, i : i + s * (ho - 1) + 1 : s, j : j + s * (wo - 1) + 1 : s, :]
-            out = window if out is None else jnp.maximum(out, window)
-    return out
+    return reduce(jnp.maximum, _windows(x, k, s, ho, wo))
 
 
 def _trainable(p: Params, layer: Conv | Dense | GroupNorm, x: jax.Array) -> tuple[jax.Array, jax.Array]:
