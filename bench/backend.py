@@ -48,6 +48,18 @@ class Backend(Protocol):
 
     def params(self) -> dict[str, np.ndarray]: ...
 
+    def set_params(self, params: dict[str, np.ndarray]) -> None:
+        """Replace the model's weights (canonical layout); federated runs set the global model per client."""
+        ...
+
+    def local_train(self, x: np.ndarray, y: np.ndarray, mask: np.ndarray) -> StepStats:
+        """A federated client's local training from the current weights, without DP (the core clips and
+        noises the model delta): x is (S, B, ...), y and mask (S, B); one step of the run's `train.optimizer`
+        per leading index on the mean loss over the rows where mask is 1, from a fresh optimizer state; a step
+        with no real rows changes nothing. Returns mean loss and accuracy over all real rows (each taken
+        before its step's update); `params()` then gives the client's trained weights."""
+        ...
+
     def reported_epsilon(self, delta: float) -> float | None: ...
 
     def peak_memory_mb(self) -> float | None:
@@ -64,6 +76,10 @@ class Unsupported(Exception):
 
     Raised from `build`; the run ends with status "unsupported" and this message, not as a failure.
     """
+
+
+class Diverged(RuntimeError):
+    """Training became non-finite: the run ends as "diverged", a result about the workload, not a crash."""
 
 
 @dataclass(frozen=True)

@@ -330,9 +330,87 @@ def cmd_epsilon(args: argparse.Namespace) -> int:
     return 0
 
 
+_FEDERATED_FLAGS = ("total_clients", "rounds", "noise_per_client", "base_noise", "base_clients")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _noise_per_client(args: argparse.Namespace) -> float:
+    """--noise-per-client, or --base-noise / --base-clients as in the TFF DP tutorial."""
+    base = [name for name in ("base_noise", "base_clients") if getattr(args, name) is not None]
+    if args.noise_per_client is not None:
+        if base:
+            raise SpecError(
+                _flag(base[0]),
+                getattr(args, base[0]),
+                "either --noise-per-client or --base-noise/--base-clients, not both",
+            )
+        return args.noise_per_client
+    expected = "--noise-per-client C, or --base-noise Z with --base-clients M (C = Z / M)"
+    if args.base_noise is None:
+        raise SpecError("--base-noise" if base else "--noise-per-client", None, expected)
+    if args.base_clients is None:
+        raise SpecError("--base-clients", None, expected)
+    return args.base_noise / args.base_clients
+
+
+def _calibrate_federated(args: argparse.Namespace) -> int:
+    """DP-FedAvg (user-level): the fewest clients per round reaching the target, noise growing with them."""
+    from bench.accounting import CalibrationError, calibrate_clients
+
+    for name in ("sample_rate", "steps", "epochs"):
+        if getattr(args, name) is not None:
+            why = "the federated form takes --rounds, and q = clients per round / --total-clients"
+            raise SpecError(_flag(name), getattr(args, name), f"no {_flag(name)} with --total-clients ({why})")
+    if args.total_clients is None:
+        raise SpecError("--total-clients", None, "--total-clients N with --rounds and --noise-per-client")
+    if args.rounds is None:
+        raise SpecError("--rounds", None, "--rounds R with --total-clients")
+    if not args.epsilon > 0:
+        raise SpecError("--epsilon", args.epsilon, "a number > 0")
+    if not 0 < args.delta < 1:
+        raise SpecError("--delta", args.delta, "0 < delta < 1")
+    per_client = _noise_per_client(args)
+    print(
+        f"target epsilon={args.epsilon:g} delta={args.delta:g} total clients={args.total_clients} "
+        f"rounds={args.rounds} noise per client={per_client:g}"
+    )
+    print(f"{'accountant':<10} {'clients/round':>13} {'noise':>8} {'epsilon':>8} {'q':>8}")
+    failures = []
+    for acc in ("pld", "rdp"):
+        try:
+            found = calibrate_clients(
+                target_epsilon=args.epsilon,
+                delta=args.delta,
+                rounds=args.rounds,
+                total_clients=args.total_clients,
+                noise_per_client=per_client,
+                accountant=acc,
+            )
+        except CalibrationError as e:
+            failures.append(e)
+            print(f"{acc.upper():<10} {'-':>13} {'-':>8} {'-':>8} {'-':>8}  out of reach")
+            continue
+        q = found.clients_per_round / args.total_clients
+        print(
+            f"{acc.upper():<10} {found.clients_per_round:>13} {found.noise_multiplier:>8.4f} {found.epsilon:>8.4f} {q:>8.4g}"
+        )
+    if len(failures) == 2:
+        raise failures[0]
+    for e in failures:
+        print(f"note: {e}")
+    return 0
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from bench.accounting import calibrate_noise, epsilon
 
+    if any(getattr(args, name) is not None for name in _FEDERATED_FLAGS):
+        return _calibrate_federated(args)
+    if args.sample_rate is None:
+        raise SpecError("--sample-rate", None, "--sample-rate Q (DP-SGD) or --total-clients N (federated)")
     _check_rate(args.sample_rate)
     steps = _steps(args)
     print(f"target epsilon={args.epsilon:g} delta={args.delta:g} q={args.sample_rate:g} steps={steps}")
@@ -357,6 +435,43 @@ def cmd_env(args: argparse.Namespace) -> int:
         name, _ = parse_backend(label)
         print(f"{name}: {ensure_env(name)}")
     return 0
+
+
+def _federated_calibrate_args(c: argparse.ArgumentParser) -> None:
+    """`bench calibrate`'s federated form: the TFF DP tutorial's clients-per-round question."""
+    c.description = (
+        "DP-SGD: the smallest noise multiplier reaching --epsilon at --delta,\n"
+        "given --sample-rate and --steps or --epochs.\n\n"
+        "DP-FedAvg (user-level DP, Poisson sampling of clients): the fewest clients\n"
+        "per round m reaching it, with q = m / --total-clients over --rounds and the\n"
+        "noise multiplier growing with m (z = --noise-per-client x m), as in the\n"
+        "TensorFlow Federated DP tutorial. One row per accountant (PLD, RDP)."
+    )
+    c.epilog = (
+        "examples:\n"
+        "  bench calibrate --epsilon 3 --sample-rate 0.004 --epochs 30\n"
+        "  bench calibrate --epsilon 2 --delta 1e-5 --total-clients 3383 --rounds 100 --noise-per-client 0.01\n"
+        "  bench calibrate --epsilon 2 --total-clients 3383 --rounds 100 --base-noise 0.5 --base-clients 50"
+    )
+    c.formatter_class = argparse.RawDescriptionHelpFormatter
+    fed = c.add_argument_group("federated (DP-FedAvg) form, instead of --sample-rate/--steps/--epochs")
+    fed.add_argument("--total-clients", type=_positive(int, "--total-clients"), help="clients in the population")
+    fed.add_argument("--rounds", type=_positive(int, "--rounds"), help="training rounds")
+    fed.add_argument(
+        "--noise-per-client",
+        type=_positive(float, "--noise-per-client"),
+        help="noise multiplier per client in the round (z = this x clients per round)",
+    )
+    fed.add_argument(
+        "--base-noise",
+        type=_positive(float, "--base-noise"),
+        help="instead of --noise-per-client: a noise multiplier that trains well at --base-clients per round",
+    )
+    fed.add_argument(
+        "--base-clients",
+        type=_positive(int, "--base-clients"),
+        help="clients per round of --base-noise (noise per client = base noise / base clients)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -484,17 +599,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, func, help_ in (
         ("epsilon", cmd_epsilon, "epsilon of DP-SGD (PLD and RDP)"),
-        ("calibrate", cmd_calibrate, "noise multiplier for a target epsilon"),
+        ("calibrate", cmd_calibrate, "noise multiplier (DP-SGD) or clients per round (DP-FedAvg) for a target epsilon"),
     ):
         c = sub.add_parser(name, help=help_)
         if name == "epsilon":
             c.add_argument("--sigma", type=float, required=True, help="noise multiplier")
         else:
             c.add_argument("--epsilon", type=float, required=True, help="target epsilon")
-        c.add_argument("--sample-rate", type=float, required=True, help="q = batch size / dataset size")
+        c.add_argument("--sample-rate", type=float, required=name == "epsilon", help="q = batch size / dataset size")
         c.add_argument("--steps", type=int, help="number of steps")
         c.add_argument("--epochs", type=int, help="epochs (steps = epochs * round(1/q))")
         c.add_argument("--delta", type=float, default=1e-5)
+        if name == "calibrate":
+            _federated_calibrate_args(c)
         c.set_defaults(func=func)
 
     e = sub.add_parser("env", help="backend environments")

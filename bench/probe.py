@@ -2,7 +2,10 @@
 
 Each case builds the backend from the core's canonical weights, optionally records the
 logits of a fixed input and reference per-example gradient norms, then takes the given
-steps and records the parameters after each. Runs inside the backend's environment.
+steps and records the parameters after each. A federated case (its run has `federated`)
+lists `clients`, played in turn as the core's rounds do: set the given global weights,
+optionally record logits, train locally, record stats, compilations and parameters.
+Runs inside the backend's environment.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.backend import create_backend
+from bench.backend import Backend, create_backend
 from bench.models import build_spec, init_params
 from bench.spec import RunSpec
 
@@ -30,11 +33,29 @@ def run_case(case: dict, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]
     if case.get("norms"):
         x, y = (inputs[k] for k in case["norms"])
         out[f"{cid}/norms"] = np.asarray(backend.per_example_grad_norms(x, y))
+    out.update(run_clients(backend, cid, case.get("clients", []), inputs))
     for k, step in enumerate(case.get("steps", []), 1):
         stats = backend.train_step(inputs[step["x"]], inputs[step["y"]], inputs[step["mask"]])
         out[f"{cid}/step{k}/stats"] = np.array([stats.loss, stats.accuracy, stats.examples], np.float64)
         for name, value in backend.params().items():
             out[f"{cid}/step{k}/{name}"] = np.asarray(value)
+    return out
+
+
+def run_clients(backend: Backend, cid: str, clients: list[dict], inputs: dict[str, np.ndarray]) -> dict:
+    """Federated clients: each sets the weights stored under its `params` prefix, then trains on x, y, mask."""
+    out: dict[str, np.ndarray] = {}
+    for k, client in enumerate(clients, 1):
+        prefix, key = f"{client['params']}/", f"{cid}/client{k}"
+        backend.set_params({name[len(prefix) :]: v for name, v in inputs.items() if name.startswith(prefix)})
+        if client.get("logits"):
+            out[f"{key}/logits"] = np.asarray(backend.predict(inputs[client["logits"]]))
+        stats = backend.local_train(inputs[client["x"]], inputs[client["y"]], inputs[client["mask"]])
+        out[f"{key}/stats"] = np.array([stats.loss, stats.accuracy, stats.examples], np.float64)
+        compilations = backend.compilations()
+        out[f"{key}/compilations"] = np.array(-1 if compilations is None else compilations)
+        for name, value in backend.params().items():
+            out[f"{key}/params/{name}"] = np.asarray(value)
     return out
 
 

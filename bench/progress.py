@@ -38,8 +38,9 @@ class SweepProgress:
 
     def start(self, index: int, run: RunSpec) -> None:
         self._progress.update(self._sweep, completed=index)
+        unit = "rounds" if run.federated else "steps"
         self._progress.update(
-            self._run, description=f"  {run.backend_label} steps", total=run.total_steps, completed=0, visible=True
+            self._run, description=f"  {run.backend_label} {unit}", total=run.total_steps, completed=0, visible=True
         )
 
     def on_event(self, run: RunSpec, event: dict[str, Any]) -> None:
@@ -48,6 +49,14 @@ class SweepProgress:
             self._progress.update(self._run, completed=event["step"])
         elif kind == "compiled":
             self.log(f"    first step (compile/trace) {event['seconds']:.1f} s")
+        elif kind == "round":
+            self._progress.update(self._run, completed=event["round"])
+            if event.get("test_accuracy") is not None:
+                clip = f", clip {event['clip_norm']:.3g}" if event.get("clip_norm") is not None else ""
+                self.log(
+                    f"    round {event['round']}/{run.federated.rounds}: test accuracy {event['test_accuracy']:.4f}"
+                    f"{clip}, {event['round_seconds']:.2f} s per round"
+                )
         elif kind == "epoch":
             self._progress.update(self._run, completed=event["steps"])
             self.log(

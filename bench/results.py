@@ -10,7 +10,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: federated runs (workload_kind and the per-round columns); version 1 files still read
 STATUSES = ("ok", "failed", "oom", "timeout", "diverged", "unsupported", "interrupted")
 
 SCHEMA = pa.schema(
@@ -41,6 +41,14 @@ SCHEMA = pa.schema(
         ("optimizer", pa.string()),
         ("learning_rate", pa.float64()),
         ("augment", pa.bool_()),
+        # federated runs only (null for DP-SGD runs): one row per round, `epoch` is the round
+        ("workload_kind", pa.string()),  # "centralized" (DP-SGD) or "federated" (DP-FedAvg)
+        ("total_clients", pa.int64()),
+        ("clients_per_round", pa.int64()),
+        ("rounds", pa.int64()),
+        ("sampled_clients", pa.int64()),
+        ("clip_norm", pa.float64()),
+        ("unclipped_fraction", pa.float64()),
         # metrics, per epoch
         ("epoch", pa.int64()),
         ("steps", pa.int64()),

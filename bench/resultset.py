@@ -80,6 +80,7 @@ def load_results(path: Path | str, *, suite: str | None = None) -> ResultSet:
     for field in SCHEMA:
         if field.name not in frame:
             frame[field.name] = pd.Series([None] * len(frame), dtype=field.type.to_pandas_dtype())
+    frame["workload_kind"] = frame["workload_kind"].fillna("centralized")  # schema 1 had DP-SGD runs only
     if suite is not None:
         suites = sorted(frame["suite"].dropna().unique())
         frame = frame[frame["suite"] == suite]

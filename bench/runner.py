@@ -122,13 +122,18 @@ def read_events(path: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]
 
 def build_rows(run: RunSpec, events: list[dict[str, Any]], status: str, error: str, started: float) -> list[dict]:
     """One row per finished epoch (a single row when none finished), epsilon from the core."""
-    epochs = [e for e in events if e["event"] == "epoch"]
+    fed = run.federated
+    epochs = [e for e in events if e["event"] == ("round" if fed else "epoch")]
     built = next((e for e in events if e["event"] == "built"), {})
     compiled = next((e for e in events if e["event"] == "compiled"), {})
     start = next((e for e in events if e["event"] == "start"), {})
     sigma = run.dp.noise_multiplier if run.dp.enabled else None
     eps: list[accounting.Epsilons | None] = [None] * len(epochs)
-    if sigma is not None and epochs:
+    if sigma is not None and epochs and fed is not None:
+        eps = accounting.epsilon_curve(
+            sample_rate=run.sample_rate, noise_multiplier=sigma, steps=range(1, len(epochs) + 1), delta=run.dp.delta
+        )
+    elif sigma is not None and epochs:
         eps = accounting.epsilon_per_epoch(
             sample_rate=run.sample_rate,
             noise_multiplier=sigma,
@@ -159,6 +164,10 @@ def build_rows(run: RunSpec, events: list[dict[str, Any]], status: str, error: s
         "optimizer": run.train.optimizer.name,
         "learning_rate": run.train.optimizer.learning_rate,
         "augment": run.dataset.augment,
+        "workload_kind": "federated" if fed else "centralized",
+        "total_clients": fed.total_clients if fed else None,
+        "clients_per_round": fed.clients_per_round if fed else None,
+        "rounds": fed.rounds if fed else None,
         "compile_seconds": compiled.get("seconds"),
         "accounting_note": SHUFFLE_NOTE if run.dp.enabled and run.dp.sampling == "shuffle" else "",
         "status": status,
@@ -174,6 +183,8 @@ def build_rows(run: RunSpec, events: list[dict[str, Any]], status: str, error: s
     }
     if not epochs:
         return [{**base, "epoch": 0}]
+    if fed is not None:
+        return [_round_row(base, e, ep) for e, ep in zip(epochs, eps)]
     rows = []
     for e, ep in zip(epochs, eps):
         seconds = e["train_seconds"]
@@ -192,19 +203,38 @@ def build_rows(run: RunSpec, events: list[dict[str, Any]], status: str, error: s
     return rows
 
 
+def _round_row(base: dict, e: dict, ep: accounting.Epsilons | None) -> dict:
+    """A federated round's row: `epoch` is the round; time is the backends' local training (train_seconds) and
+    the whole round with the core's sampling, aggregation and server update (epoch_seconds)."""
+    seconds = e["train_seconds"]
+    return {
+        **base,
+        "epoch": e["round"],
+        "steps": e["round"],
+        **{k: e.get(k) for k in ("examples", "train_loss", "train_accuracy", "test_loss", "test_accuracy")},
+        **{k: e.get(k) for k in ("sampled_clients", "clip_norm", "unclipped_fraction", "peak_memory_mb")},
+        "train_seconds": seconds,
+        "epoch_seconds": e["round_seconds"],
+        "examples_per_second": e["examples"] / seconds if seconds else None,
+        "epsilon": ep.pld if ep else None,
+        "epsilon_rdp": ep.rdp if ep else None,
+    }
+
+
 def _finish_status(
     run: RunSpec, events: list[dict], returncode: int | None, timed_out: bool, over_memory: str = ""
 ) -> tuple[str, str]:
     end = next((e for e in reversed(events) if e["event"] == "end"), None)
-    epochs_done = sum(1 for e in events if e["event"] == "epoch")
+    unit, planned = ("round", run.federated.rounds) if run.federated else ("epoch", run.train.epochs)
+    done = sum(1 for e in events if e["event"] == unit)
     if over_memory:
         return "oom", over_memory
     if timed_out:
-        return "timeout", f"run exceeded its time limit after {epochs_done} of {run.train.epochs} epochs"
+        return "timeout", f"run exceeded its time limit after {done} of {planned} {unit}s"
     if end is not None:
         status, error = end["status"], end.get("error", "")
-        if status == "ok" and epochs_done < run.train.epochs:
-            return "failed", f"worker reported ok after {epochs_done} of {run.train.epochs} epochs"
+        if status == "ok" and done < planned:
+            return "failed", f"worker reported ok after {done} of {planned} {unit}s"
         return status, error
     return _abnormal_exit(returncode)
 
@@ -449,6 +479,8 @@ def describe_run(run: RunSpec) -> str:
         privacy = f"sigma={run.dp.noise_multiplier:g}"
         if run.dp.target_epsilon is not None:
             privacy += f" (eps={run.dp.target_epsilon:g})"
+    if run.federated is not None:
+        privacy += f" clients/round={run.federated.clients_per_round}"
     return f"{run.workload} {run.backend_label} {privacy} seed={run.seed} ({run.run_id})"
 
 

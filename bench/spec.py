@@ -212,6 +212,99 @@ class PerfFlags:
             _positive_int("physical_batch_size", self.physical_batch_size)
 
 
+PartitionKind = Literal["dirichlet", "client_ids"]
+PARTITIONS: tuple[str, ...] = ("dirichlet", "client_ids")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PartitionSpec:
+    """How the core splits the training set into clients, identically for every backend.
+
+    `dirichlet`: `clients` clients of (nearly) equal size, each with its own label mix drawn from
+    Dirichlet(`alpha`) (Hsu et al. 2019; small alpha: few labels per client). `client_ids`: `file` is a
+    .npy array with one integer client id per training example (as EMNIST's writers).
+    """
+
+    kind: PartitionKind = "dirichlet"
+    clients: int | None = None
+    alpha: float = 0.5
+    file: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.kind in PARTITIONS, "partition.kind", self.kind, f"one of {', '.join(PARTITIONS)}")
+        if self.kind == "dirichlet":
+            _positive_int("partition.clients", self.clients)
+            _check(_number(self.alpha) and self.alpha > 0, "partition.alpha", self.alpha, "a positive number")
+            _check(self.file is None, "partition.file", self.file, "no file for a dirichlet partition")
+            _as_floats(self, "alpha")
+        else:
+            _check(isinstance(self.file, str) and bool(self.file), "partition.file", self.file, "a .npy file path")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdaptiveClipping:
+    """Clip norm adapted each round towards a quantile of the clients' update norms
+    (Andrew et al. 2021, "Differentially Private Learning with Adaptive Clipping"; TFF's defaults).
+
+    The clip starts at the run's `max_grad_norm` and moves geometrically with `learning_rate`.
+    `count_stddev` is the noise on the count of unclipped clients (None: clients_per_round / 20); its
+    privacy cost is part of the run's noise multiplier.
+    """
+
+    target_quantile: float = 0.5
+    learning_rate: float = 0.2
+    count_stddev: float | None = None
+
+    def __post_init__(self) -> None:
+        q = self.target_quantile
+        _check(_number(q) and 0 < q < 1, "adaptive_clipping.target_quantile", q, "a number in (0, 1)")
+        lr = self.learning_rate
+        _check(_number(lr) and lr >= 0, "adaptive_clipping.learning_rate", lr, "a number >= 0")
+        if self.count_stddev is not None:
+            sd = self.count_stddev
+            _check(_number(sd) and sd > 0, "adaptive_clipping.count_stddev", sd, "a positive number")
+        _as_floats(self, "target_quantile", "learning_rate", "count_stddev")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FederatedConfig:
+    """Federated averaging with user-level DP (DP-FedAvg; McMahan et al. 2018).
+
+    Each round, every client joins independently with probability clients_per_round / total_clients
+    (Poisson sampling), trains locally as the run's `train` block says (epochs, batch size, client
+    optimizer), and the core aggregates the clipped, noised model deltas and applies `server_optimizer`.
+    `total_clients` is filled by the suite loader from the partition.
+    """
+
+    partition: PartitionSpec
+    rounds: int
+    clients_per_round: int
+    server_optimizer: OptimizerSpec = field(
+        default_factory=lambda: OptimizerSpec(name="sgd", learning_rate=1.0, momentum=0.9)
+    )
+    eval_every: int = 10
+    adaptive_clipping: AdaptiveClipping | None = field(default_factory=AdaptiveClipping)
+    total_clients: int = 0
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.partition, PartitionSpec), "partition", self.partition, "a partition")
+        _positive_int("rounds", self.rounds)
+        _positive_int("clients_per_round", self.clients_per_round)
+        _positive_int("eval_every", self.eval_every)
+        if self.total_clients:
+            _positive_int("total_clients", self.total_clients)
+            _check(
+                self.clients_per_round <= self.total_clients,
+                "clients_per_round",
+                self.clients_per_round,
+                f"at most the number of clients ({self.total_clients})",
+            )
+
+    @property
+    def sample_rate(self) -> float:
+        return self.clients_per_round / self.total_clients
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunSpec:
     """One run: a workload on one backend/variant with one privacy setting and seed."""
@@ -227,6 +320,7 @@ class RunSpec:
     seed: int = 0
     perf: PerfFlags = field(default_factory=PerfFlags)
     dataset_size: int = 0  # training examples N after subsetting, filled by the suite loader
+    federated: FederatedConfig | None = None  # a federated run: `train` is then each client's local training
 
     def __post_init__(self) -> None:
         _check(
@@ -245,17 +339,25 @@ class RunSpec:
 
     @property
     def sample_rate(self) -> float:
+        """Examples per batch over N; for a federated run, clients per round over all clients."""
+        if self.federated is not None:
+            return self.federated.sample_rate
         return self.train.batch_size / self.dataset_size
 
     @property
     def steps_per_epoch(self) -> int:
-        """round(1/q) for Poisson, ceil(N/B) batches of a permutation for shuffle."""
+        """round(1/q) for Poisson, ceil(N/B) batches of a permutation for shuffle; 1 round for federated."""
+        if self.federated is not None:
+            return 1
         if self.dp.sampling == "shuffle":
             return math.ceil(self.dataset_size / self.train.batch_size)
         return max(1, round(1 / self.sample_rate))
 
     @property
     def total_steps(self) -> int:
+        """Noisy aggregations: DP-SGD steps, or federated rounds."""
+        if self.federated is not None:
+            return self.federated.rounds
         return self.steps_per_epoch * self.train.epochs
 
     @property
@@ -273,9 +375,21 @@ class RunSpec:
         dataset = dict(data["dataset"])
         if dataset.get("shape") is not None:
             dataset["shape"] = tuple(dataset["shape"])
+        federated = data.get("federated")
+        if federated is not None:
+            clipping = federated.get("adaptive_clipping")
+            federated = FederatedConfig(
+                **{
+                    **federated,
+                    "partition": PartitionSpec(**federated["partition"]),
+                    "server_optimizer": OptimizerSpec(**federated["server_optimizer"]),
+                    "adaptive_clipping": AdaptiveClipping(**clipping) if clipping is not None else None,
+                }
+            )
         return cls(
             **{
                 **data,
+                "federated": federated,
                 "dataset": DatasetSpec(**dataset),
                 "train": TrainConfig(**train),
                 "dp": DPConfig(**data["dp"]),
@@ -289,6 +403,8 @@ class RunSpec:
         d = self.to_dict()
         for key in ("suite", "perf"):
             d.pop(key)
+        if d["federated"] is None:
+            d.pop("federated")  # keeps the run_ids of centralized runs as they were
         d["dp"].pop("target_epsilon")  # the calibrated noise_multiplier is what counts
         return d
 

@@ -13,12 +13,24 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from bench.accounting import CalibrationError, calibrate_noise
 from bench.backend import UnknownBackendError, parse_backend
 from bench.models import MODELS, build_spec
-from bench.spec import DatasetSpec, DPConfig, OptimizerSpec, PerfFlags, RunSpec, SpecError, TrainConfig
+from bench.spec import (
+    AdaptiveClipping,
+    DatasetSpec,
+    DPConfig,
+    FederatedConfig,
+    OptimizerSpec,
+    PartitionSpec,
+    PerfFlags,
+    RunSpec,
+    SpecError,
+    TrainConfig,
+)
 
 SUITES_DIR = Path(__file__).resolve().parent.parent / "suites"
 
@@ -32,12 +44,19 @@ DATASET_INFO: dict[str, tuple[int, int, tuple[int, int, int], int]] = {
 SYNTHETIC_DEFAULTS = (10_000, 2_000, (28, 28, 1), 10)
 
 SUITE_KEYS = {"name", "description", "backends", "seeds", "threads", "timeout", "memory_limit_gb", "workloads"}
-WORKLOAD_KEYS = {"name", "dataset", "model", "train", "dp", "privacy", "perf"}
+WORKLOAD_KEYS = {"name", "dataset", "model", "train", "dp", "privacy", "perf", "federated"}
 DATASET_KEYS = {f.name for f in dataclasses.fields(DatasetSpec)}
 TRAIN_KEYS = {"epochs", "batch_size", "optimizer", "eval_batch_size"}
 OPTIMIZER_KEYS = {f.name for f in dataclasses.fields(OptimizerSpec)}
 DP_KEYS = {"max_grad_norm", "delta", "sampling"}
 PRIVACY_KEYS = {"dp", "noise_multiplier", "target_epsilon", "learning_rate"}
+# A federated privacy setting may also set the clients per round, or have them calibrated with the noise from a
+# target epsilon and the noise per client the model tolerates (as the TFF tutorial's search does).
+FEDERATED_PRIVACY_KEYS = PRIVACY_KEYS | {"clients_per_round", "noise_per_client", "accountant"}
+FEDERATED_KEYS = {f.name for f in dataclasses.fields(FederatedConfig)} - {"total_clients"}
+PARTITION_KEYS = {f.name for f in dataclasses.fields(PartitionSpec)}
+CLIPPING_KEYS = {f.name for f in dataclasses.fields(AdaptiveClipping)}
+ACCOUNTANTS = ("pld", "rdp")
 PERF_KEYS = {"physical_batch_size"}
 DEFAULT_TIMEOUT_S = 3600.0
 
@@ -110,8 +129,22 @@ class _Reader:
 
 
 @lru_cache(maxsize=256)
-def _calibrated(target: float, q: float, steps: int, delta: float) -> float:
-    return calibrate_noise(target_epsilon=target, sample_rate=q, steps=steps, delta=delta)
+def _calibrated(target: float, q: float, steps: int, delta: float, accountant: str = "pld") -> float:
+    return calibrate_noise(target_epsilon=target, sample_rate=q, steps=steps, delta=delta, accountant=accountant)
+
+
+@lru_cache(maxsize=64)
+def _calibrated_clients(target: float, delta: float, rounds: int, clients: int, ratio: float, accountant: str):
+    from bench.accounting import calibrate_clients
+
+    return calibrate_clients(
+        target_epsilon=target,
+        delta=delta,
+        rounds=rounds,
+        total_clients=clients,
+        noise_per_client=ratio,
+        accountant=accountant,
+    )
 
 
 def _dataset_size(r: _Reader, ds: DatasetSpec, path: str) -> tuple[int, tuple[int, int, int], int]:
@@ -155,6 +188,86 @@ def _seeds(r: _Reader, seeds: Any, path: str) -> list[int]:
     return list(seeds)
 
 
+def _federated(r: _Reader, raw: Any, path: str, n: int) -> FederatedConfig:
+    """The workload's `federated:` block, with the number of clients taken from its partition."""
+    raw = dict(r.mapping(raw, path, FEDERATED_KEYS, ("partition", "rounds", "clients_per_round")))
+    part_raw = r.mapping(raw.pop("partition"), f"{path}.partition", PARTITION_KEYS, ("kind",))
+    partition = r.build(PartitionSpec, f"{path}.partition", **part_raw)
+    if partition.kind == "dirichlet":
+        total = partition.clients
+        if total > n:
+            raise r.error(f"{path}.partition.clients", total, f"at most the {n} training examples")
+    else:
+        from bench.federated.partition import load_client_ids
+
+        try:
+            total = len(np.unique(load_client_ids(partition.file, n)))
+        except ValueError as e:
+            raise r.error(f"{path}.partition.file", partition.file, str(e)) from None
+    server_raw = r.mapping(raw.pop("server_optimizer", {}), f"{path}.server_optimizer", OPTIMIZER_KEYS)
+    if server_raw:
+        raw["server_optimizer"] = r.build(OptimizerSpec, f"{path}.server_optimizer", **server_raw)
+    if "adaptive_clipping" in raw:
+        clipping = raw.pop("adaptive_clipping")
+        if clipping is False or clipping is None:
+            raw["adaptive_clipping"] = None
+        elif clipping is not True:
+            clip_raw = r.mapping(clipping, f"{path}.adaptive_clipping", CLIPPING_KEYS)
+            raw["adaptive_clipping"] = r.build(AdaptiveClipping, f"{path}.adaptive_clipping", **clip_raw)
+    return r.build(FederatedConfig, path, partition=partition, total_clients=total, **raw)
+
+
+def _federated_setting(
+    r: _Reader, setting: dict, path: str, fed: FederatedConfig, dp: DPConfig
+) -> tuple[FederatedConfig, DPConfig]:
+    """A privacy setting of a federated workload: its clients per round and noise multiplier, calibrated from
+    a target epsilon (user-level: Poisson sampling of clients, one step per round) where asked."""
+    if "clients_per_round" in setting:
+        fed = r.build(FederatedConfig, path, **{**_fields(fed), "clients_per_round": setting["clients_per_round"]})
+    accountant = setting.get("accountant", "pld")
+    if accountant not in ACCOUNTANTS:
+        raise r.error(f"{path}.accountant", accountant, f"one of {', '.join(ACCOUNTANTS)}")
+    if "noise_per_client" in setting:
+        ratio = setting["noise_per_client"]
+        if "target_epsilon" not in setting or "clients_per_round" in setting:
+            raise r.error(path, setting, "noise_per_client with target_epsilon and without clients_per_round")
+        if not _positive_number(ratio):
+            raise r.error(f"{path}.noise_per_client", ratio, "a positive number")
+        try:
+            found = _calibrated_clients(dp.target_epsilon, dp.delta, fed.rounds, fed.total_clients, ratio, accountant)
+        except CalibrationError as e:
+            raise r.error(f"{path}.target_epsilon", dp.target_epsilon, f"a reachable epsilon: {e}") from None
+        fed = dataclasses.replace(fed, clients_per_round=found.clients_per_round)
+        return fed, dataclasses.replace(dp, noise_multiplier=round(found.noise_multiplier, 6))
+    if dp.enabled and dp.target_epsilon is not None:
+        try:
+            sigma = _calibrated(dp.target_epsilon, fed.sample_rate, fed.rounds, dp.delta, accountant)
+        except CalibrationError as e:
+            raise r.error(f"{path}.target_epsilon", dp.target_epsilon, f"a reachable epsilon: {e}") from None
+        dp = dataclasses.replace(dp, noise_multiplier=round(sigma, 6))
+    if "accountant" in setting and (not dp.enabled or dp.target_epsilon is None):
+        raise r.error(f"{path}.accountant", accountant, "nothing without a target_epsilon to calibrate")
+    _check_noise_split(r, path, fed, dp)
+    return fed, dp
+
+
+def _check_noise_split(r: _Reader, path: str, fed: FederatedConfig, dp: DPConfig) -> None:
+    """Adaptive clipping spends part of the noise on the count of unclipped clients (Andrew et al. 2021), which
+    needs z < 2 * count_stddev: say so when the suite loads, not in the first round."""
+    from bench.federated.aggregation import noise_params
+
+    if not dp.enabled:
+        return
+    try:
+        noise_params(dp.noise_multiplier, expected_clients=fed.clients_per_round, adaptive=fed.adaptive_clipping)
+    except ValueError as e:
+        raise r.error(f"{path}.noise_multiplier", dp.noise_multiplier, f"a noise the clipping can split: {e}") from None
+
+
+def _fields(obj: Any) -> dict[str, Any]:
+    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+
+
 def _workload_runs(
     r: _Reader, w: Any, path: str, suite: str, backends: list[tuple[str, str]], seeds: list[int], threads: int
 ) -> list[RunSpec]:
@@ -185,20 +298,25 @@ def _workload_runs(
 
     dp_base = r.mapping(w.get("dp", {}), f"{path}.dp", DP_KEYS)
     r.build(DPConfig, f"{path}.dp", enabled=False, **dp_base)
+    fed = _federated(r, w["federated"], f"{path}.federated", n) if w.get("federated") is not None else None
+    if fed is not None and ds.augment:
+        raise r.error(f"{path}.dataset.augment", ds.augment, "false for a federated workload")
+    if fed is not None and dp_base.get("sampling", "poisson") != "poisson":
+        raise r.error(f"{path}.dp.sampling", dp_base["sampling"], "poisson (client sampling) for a federated workload")
     perf_raw = r.mapping(w.get("perf", {}), f"{path}.perf", PERF_KEYS)
     perf = r.build(PerfFlags, f"{path}.perf", threads=threads, **perf_raw)
 
     runs = []
     for i, setting in enumerate(r.seq(w["privacy"], f"{path}.privacy")):
         p = f"{path}.privacy[{i}]"
-        setting = r.mapping(setting, p, PRIVACY_KEYS)
+        setting = r.mapping(setting, p, FEDERATED_PRIVACY_KEYS if fed is not None else PRIVACY_KEYS)
         enabled = setting.get("dp", True)
         if not isinstance(enabled, bool):
             raise r.error(f"{p}.dp", enabled, "true or false")
         if enabled and ("noise_multiplier" in setting) == ("target_epsilon" in setting):
             raise r.error(p, setting, "exactly one of noise_multiplier and target_epsilon")
-        if not enabled and set(setting) - {"dp", "learning_rate"}:
-            raise r.error(p, setting, "only 'learning_rate' beside 'dp: false'")
+        if not enabled and set(setting) - {"dp", "learning_rate", "clients_per_round"}:
+            raise r.error(p, setting, "only 'learning_rate' (or 'clients_per_round') beside 'dp: false'")
         run_train = train
         if "learning_rate" in setting:
             opt_p = r.build(OptimizerSpec, p, **{**opt_raw, "learning_rate": setting["learning_rate"]})
@@ -211,10 +329,21 @@ def _workload_runs(
             target_epsilon=setting.get("target_epsilon"),
             **dp_base,
         )
+        run_fed = None
+        if fed is not None:
+            run_fed, dp = _federated_setting(r, setting, p, fed, dp)
         probe = RunSpec(
-            suite=suite, workload=w["name"], dataset=ds, model=model, train=run_train, dp=dp, backend="", dataset_size=n
+            suite=suite,
+            workload=w["name"],
+            dataset=ds,
+            model=model,
+            train=run_train,
+            dp=dp,
+            backend="",
+            dataset_size=n,
+            federated=run_fed,
         )
-        if dp.enabled and dp.target_epsilon is not None:
+        if run_fed is None and dp.enabled and dp.target_epsilon is not None:
             if dp.sampling != "poisson":
                 raise r.error(f"{p}.target_epsilon", dp.target_epsilon, "noise_multiplier with shuffle sampling")
             try:

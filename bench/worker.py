@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.backend import Backend, Unsupported, create_backend
+from bench.backend import Backend, Diverged, Unsupported, create_backend
 from bench.data.prepare import Dataset, load_prepared
 from bench.data.sampling import augment, pad_batch, physical_batch_size, poisson_batch, shuffle_batch
 from bench.models import build_spec, init_params
@@ -56,10 +56,6 @@ class Events:
     def emit(self, event: str, **fields: Any) -> None:
         self._f.write(json.dumps({"event": event, "time": time.time(), **fields}) + "\n")
         self._f.flush()
-
-
-class Diverged(RuntimeError):
-    pass
 
 
 def _peak_rss_mb() -> float:
@@ -177,6 +173,17 @@ def probe(run: RunSpec, data: Dataset, backend: Backend, events: Events, steps: 
 
 
 def train(run: RunSpec, data: Dataset, backend: Backend, events: Events) -> None:
+    if run.federated is not None:
+        from bench.federated.rounds import train_federated
+
+        return train_federated(
+            run,
+            data,
+            backend,
+            events,
+            evaluate=lambda b: evaluate(b, data.x_test, data.y_test, run.train.eval_batch_size),
+            peak_memory_mb=lambda: backend.peak_memory_mb() or _peak_rss_mb(),
+        )
     source, _ = build(run, data, backend, events)
     batches = prefetched(source, range(run.total_steps))
     for epoch in range(1, run.train.epochs + 1):
@@ -255,6 +262,8 @@ def main(argv: list[str]) -> int:
     try:
         backend = create_backend(run.backend)
         data = load_prepared(job["data"])
+        if job.get("max_steps") is not None and run.federated is not None:
+            raise Unsupported("a probe times DP-SGD steps; a federated run has rounds of local training instead")
         if job.get("max_steps") is not None:
             probe(run, data, backend, events, int(job["max_steps"]))
         else:

@@ -6,6 +6,10 @@ so memory stays bounded by one chunk and it costs one extra compilation. Not eve
 through the scan: XLA's CPU back end runs a convolution's filter gradient over 100x slower inside
 a loop body than outside (2.8 s against 25 ms for the Fashion-MNIST CNN's second convolution at
 batch 2232, tests/benchmarks/test_jax_kernels.py), and a batch of one chunk needs no loop.
+
+A federated run (DP-FedAvg) builds no DP step: `local_train` calls one jitted non-private step on a
+(B, ...) batch in a Python loop over the client's batches, so clients of any size share one compilation
+and no convolution gradient runs inside a loop body.
 """
 
 from __future__ import annotations
@@ -132,6 +136,24 @@ def accumulate(chunk_sum: Callable, physical: int) -> Callable:
     return total
 
 
+def make_local_step(apply: Callable, opt: optax.GradientTransformation) -> Callable:
+    """Federated local training: one non-private step of `opt` on the mean loss over a batch's real rows."""
+    masked_sum = make_masked_sum(apply)
+
+    def step(params: Params, opt_state, x: jax.Array, y: jax.Array, mask: jax.Array):
+        g, loss, correct = masked_sum(params, x, y, mask)
+        count = jnp.maximum(jnp.sum(mask), 1.0)
+        updates, opt_state = opt.update(jax.tree.map(lambda s: s / count, g), opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, correct
+
+    return step
+
+
+def to_device(params: dict[str, np.ndarray]) -> Params:
+    """A float32 device copy: jnp.asarray would alias the caller's numpy memory on CPU."""
+    return jax.device_put({k: np.asarray(v, np.float32) for k, v in params.items()})
+
+
 class JaxBackend:
     name: ClassVar[str] = "jax"
     # bk: book-keeping clipping (backends/jax/bk.py), the default: the fastest;
@@ -158,13 +180,25 @@ class JaxBackend:
             raise ValueError(f"jax has no variant {self._variant!r}; known: {', '.join(self.variants)}")
         self._model_apply = bk.make_apply(model) if self._variant == "bk" else make_apply(model)
         self._apply = jax.jit(self._model_apply)
-        self._params = {k: jnp.asarray(v) for k, v in init_params.items()}
+        self._params = to_device(init_params)
         self._opt = make_optimizer(run.train.optimizer)
         self._opt_state = self._opt.init(self._params)
         self._key = jax.random.key(run.seed)
         self._step = 0
         self._traces = 0
-        self._step_fn = self._make_step()
+        if run.federated is not None:  # local training only: the core clips and noises the clients' deltas
+            self._local_step = jax.jit(self._counted(make_local_step(self._model_apply, self._opt)))
+        else:
+            self._step_fn = self._make_step()
+
+    def _counted(self, fn: Callable) -> Callable:
+        """`fn`, counting its traces (each is one compilation of the jitted step)."""
+
+        def traced(*args):
+            self._traces += 1
+            return fn(*args)
+
+        return traced
 
     def _make_step(self) -> Callable:
         run, dp = self.run, self.run.dp
@@ -203,6 +237,28 @@ class JaxBackend:
         self._step += 1
         n = float(count)  # blocks until the step is done
         return StepStats(loss=float(loss) / n if n else 0.0, accuracy=float(correct) / n if n else 0.0, examples=int(n))
+
+    def local_train(self, x: np.ndarray, y: np.ndarray, mask: np.ndarray) -> StepStats:
+        """One jitted (B, ...) step per batch with real rows, in a Python loop: no recompilation per client size
+        and no lax.scan (slow conv filter gradients on XLA:CPU, see the module docstring)."""
+        counts = np.asarray(mask).sum(axis=1)
+        params, opt_state = self._params, self._opt.init(self._params)
+        y = np.asarray(y, np.int32)
+        sums = []
+        for s in np.flatnonzero(counts):
+            params, opt_state, loss, correct = self._local_step(params, opt_state, x[s], y[s], mask[s])
+            sums.append((loss, correct))
+        self._params = params
+        n = float(counts.sum())
+        if not n:
+            return StepStats(loss=0.0, accuracy=0.0, examples=0)
+        loss, correct = np.sum(jax.device_get(sums), axis=0, dtype=np.float64)
+        return StepStats(loss=float(loss) / n, accuracy=float(correct) / n, examples=int(n))
+
+    def set_params(self, params: dict[str, np.ndarray]) -> None:
+        if params.keys() != self._params.keys():
+            raise ValueError(f"jax: parameter names {sorted(params)} != {sorted(self._params)}")
+        self._params = to_device(params)
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         n, bs = len(x), self.run.train.eval_batch_size

@@ -20,6 +20,9 @@ all but the last are "skipped" optimizer steps that only clip and accumulate (as
 BatchMemoryManager does), and the last adds N(0, sigma^2 C^2), divides by the expected
 batch size q*N (Poisson) or the real row count (shuffle) and steps the optimizer.
 
+A federated run (DP-FedAvg) sets up no Opacus machinery at all: each client's `local_train` is plain
+torch (the non-private step below) with a new torch optimizer; the core clips and noises the deltas.
+
 Known numerical caveat (torch, not this code): on CPU, float32 ``Tensor.norm(dim=...)``
 accumulates in a single float32 register (pytorch/pytorch#169237), so Opacus' per-example
 norms of layers with ~1M weights carry ~1e-5 relative error; updates then differ from an
@@ -47,7 +50,7 @@ from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from opacus.validators import ModuleValidator
 from torch import nn
 
-from backends.opacus.models import ZooNet, build_module, canonical_params
+from backends.opacus.models import ZooNet, build_module, canonical_params, load_canonical
 from bench.backend import StepStats
 from bench.models import ModelSpec
 from bench.spec import OptimizerSpec, RunSpec
@@ -167,7 +170,7 @@ class OpacusBackend:
         self.net: ZooNet = build_module(model, init_params).to(self.device)
         optimizer = make_optimizer(run.train.optimizer, self.net.parameters())
         self._accountant: IAccountant | None = None
-        if run.dp.enabled:
+        if run.dp.enabled and run.federated is None:
             self._step = self._make_dp_step(optimizer)
             self._accountant = default_accountant()
         else:
@@ -222,6 +225,22 @@ class OpacusBackend:
         return StepStats(
             loss=loss / count if count else 0.0, accuracy=correct / count if count else 0.0, examples=int(count)
         )
+
+    def local_train(self, x: np.ndarray, y: np.ndarray, mask: np.ndarray) -> StepStats:
+        """Plain torch steps (no PrivacyEngine) with a new client optimizer, one per batch with real rows."""
+        counts = np.asarray(mask).sum(axis=1)
+        step = PlainStep(self.net, make_optimizer(self.run.train.optimizer, self.net.parameters()))
+        xs, ys, masks = self._tensors(x, y, mask)
+        self.net.train()
+        totals = Totals(self.device)
+        for s in np.flatnonzero(counts):
+            step([(xs[s], ys[s], masks[s])], float(counts[s]), totals)
+        n = float(counts.sum())
+        loss, correct = totals.loss.item(), totals.correct.item()  # .item() waits for the device
+        return StepStats(loss=loss / n if n else 0.0, accuracy=correct / n if n else 0.0, examples=int(n))
+
+    def set_params(self, params: dict[str, np.ndarray]) -> None:
+        load_canonical(self.net, params)
 
     @torch.no_grad()
     def predict(self, x: np.ndarray) -> np.ndarray:

@@ -22,6 +22,10 @@ Abadi et al. 2016 with Poisson sampling. The whole padded batch is one TF Privac
 splitting it into physical chunks would add noise per chunk (its gradient accumulation
 does exactly that), which is a different mechanism.
 
+A federated run (DP-FedAvg) uses no TF Privacy optimizer: `local_train` calls one traced non-private
+step per batch (fixed signature, so clients of any size share one trace) after zeroing the optimizer
+state; the core clips and noises the clients' deltas.
+
 The update is torch's SGD (momentum, coupled L2) or Adam written out in TF, applied to TF
 Privacy's privatised gradient: Keras' Adam adds epsilon outside the bias correction, which
 would make the three backends train different optimizers.
@@ -96,6 +100,12 @@ class TorchUpdate:
             for w, g in zip(self.variables, grads):
                 w.assign_sub(opt.learning_rate * g)
 
+    def reset(self) -> None:
+        """A fresh optimizer state (step count, momentum buffer / Adam moments)."""
+        self.t.assign(0.0)
+        for slot in (*self.m, *self.v):
+            slot.assign(tf.zeros_like(slot))
+
 
 def split_variant(variant: str) -> tuple[str, bool]:
     """ "vectorized-xla" -> ("vectorized", True)."""
@@ -138,13 +148,19 @@ class TFPrivacyBackend:
         self._update = TorchUpdate(run.train.optimizer, self._vars)
         self._steps = 0
         self._traces = 0
-        if not run.dp.enabled:
+        if run.federated is not None:
+            grads = self._local_grads
+            self._reset = tf.function(self._update.reset, input_signature=[])
+        elif not run.dp.enabled:
             grads = self._plain_grads
         elif self._base == "fast":
             grads = self._fast_grads()
         else:
             grads = self._optimizer_grads()
         self._step_fn = self._make_step(grads, xla)
+        self._shapes = {name: tuple(var.shape) for name, var in self._named.items()}
+        variables = list(self._named.values())  # read in one call: 2x faster than Variable.numpy() each
+        self._read = tf.function(lambda: [tf.identity(v) for v in variables], input_signature=[])
         shape = tf.TensorSpec([None, *model.input_shape], tf.float32)
         self._predict = tf.function(lambda x: self.model(x, training=False), input_signature=[shape])
 
@@ -158,6 +174,13 @@ class TFPrivacyBackend:
         with tf.GradientTape() as tape:
             logits = self.model(x, training=True)
             loss = tf.reduce_sum(cross_entropy(y, logits) * mask) / self._denominator(mask)
+        return tape.gradient(loss, self._vars), logits
+
+    def _local_grads(self, x: tf.Tensor, y: tf.Tensor, mask: tf.Tensor) -> tuple[Grads, tf.Tensor]:
+        """A federated client's non-private gradient: the mean loss over the batch's real rows."""
+        with tf.GradientTape() as tape:
+            logits = self.model(x, training=True)
+            loss = tf.reduce_sum(cross_entropy(y, logits) * mask) / tf.maximum(tf.reduce_sum(mask), 1.0)
         return tape.gradient(loss, self._vars), logits
 
     def _optimizer_grads(self) -> Callable:
@@ -237,18 +260,45 @@ class TFPrivacyBackend:
         n = float(count)  # .numpy() waits for the step
         return StepStats(loss=float(loss) / n if n else 0.0, accuracy=float(correct) / n if n else 0.0, examples=int(n))
 
+    def local_train(self, x: np.ndarray, y: np.ndarray, mask: np.ndarray) -> StepStats:
+        """The traced plain step once per batch with real rows, after resetting the client optimizer's state."""
+        counts = np.asarray(mask).sum(axis=1)
+        self._reset()
+        sums = []
+        for s in np.flatnonzero(counts):
+            loss, correct, _ = self._step_fn(
+                tf.constant(x[s], tf.float32), tf.constant(y[s], tf.int32), tf.constant(mask[s], tf.float32)
+            )
+            sums.append((loss, correct))
+        n = float(counts.sum())
+        if not n:
+            return StepStats(loss=0.0, accuracy=0.0, examples=0)
+        loss, correct = np.sum([(a.numpy(), b.numpy()) for a, b in sums], axis=0, dtype=np.float64)
+        return StepStats(loss=float(loss) / n, accuracy=float(correct) / n, examples=int(n))
+
+    def set_params(self, params: dict[str, np.ndarray]) -> None:
+        """Raw AssignVariableOp: 2.5x faster than Variable.assign for the mlp (0.26 against 0.66 ms); it does not
+        check shapes itself, so this does."""
+        if params.keys() != self._named.keys():
+            raise ValueError(f"tf_privacy: parameter names {sorted(params)} != {sorted(self._named)}")
+        for name, var in self._named.items():
+            value = np.asarray(params[name], np.float32)
+            if value.shape != self._shapes[name]:
+                raise ValueError(f"tf_privacy: {name} has shape {value.shape}, expected {self._shapes[name]}")
+            tf.raw_ops.AssignVariableOp(resource=var.handle, value=value)
+
     def predict(self, x: np.ndarray) -> np.ndarray:
         if len(x) == 0:
             return np.zeros((0, self._num_classes), np.float32)
         return self._predict(tf.constant(x, tf.float32)).numpy()
 
     def params(self) -> dict[str, np.ndarray]:
-        return {name: var.numpy() for name, var in self._named.items()}
+        return {name: value.numpy() for name, value in zip(self._named, self._read())}
 
     def reported_epsilon(self, delta: float) -> float | None:
         """TF Privacy's compute_dp_sgd_privacy (RDP, Poisson sampling) for the steps taken so far."""
         run = self.run
-        if not run.dp.enabled:
+        if not run.dp.enabled or run.federated is not None:  # federated: the core accounts for rounds
             return None
         if self._steps == 0:
             return 0.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import altair as alt
+import numpy as np
 import pandas as pd
 
 from bench.report import tables
@@ -42,12 +43,41 @@ def _settings_tooltip() -> list[alt.Tooltip]:
     ]
 
 
+def _federated_tooltip() -> list[alt.Tooltip]:
+    """A federated run's settings: clients and rounds, and what DP-SGD's columns mean for one."""
+    return [
+        alt.Tooltip("noise_multiplier:Q", title="noise multiplier σ", format=".4g"),
+        alt.Tooltip("clients_per_round:Q", title="expected clients per round"),
+        alt.Tooltip("total_clients:Q", title="clients"),
+        alt.Tooltip("sample_rate:Q", title="client sampling rate q", format=".4g"),
+        alt.Tooltip("rounds:Q", title="rounds"),
+        alt.Tooltip("max_grad_norm:Q", title="initial clip norm", format=".4g"),
+        alt.Tooltip("delta:Q", title="δ", format=".1e"),
+        alt.Tooltip("epochs:Q", title="local epochs"),
+        alt.Tooltip("batch_size:Q", title="client batch"),
+        alt.Tooltip("optimizer:N", title="client optimizer"),
+        alt.Tooltip("learning_rate:Q", title="client learning rate", format=".4g"),
+    ]
+
+
+def infinite_epsilon(table: pd.DataFrame, column: str = "epsilon") -> pd.Series:
+    """Rows whose epsilon is infinite (DP with noise 0), which neither JSON nor a log axis can hold."""
+    return pd.Series(np.isinf(table[column].astype(float)), index=table.index)
+
+
 def privacy_accuracy(table: pd.DataFrame, scale: alt.Scale, title: str) -> alt.LayerChart:
-    """Final test accuracy against epsilon (log axis), mean with min-max over seeds; non-private as dashed rules."""
-    dp = table[table["dp"]].assign(
-        sampling_mark=lambda t: t["poisson_assumed"].map({True: "ε assumes Poisson", False: "Poisson"})
+    """Final test accuracy against epsilon (log axis), mean with min-max over seeds; non-private as dashed rules.
+
+    DP levels with an infinite epsilon (noise 0) are drawn as dotted rules at their accuracy, not on the ε axis.
+    """
+    dp_all = table[table["dp"].astype(bool)]
+    unbounded = dp_all[infinite_epsilon(dp_all)].drop(columns=["epsilon", "epsilon_rdp"])
+    dp = dp_all[~infinite_epsilon(dp_all)].assign(
+        sampling_mark=lambda t: t["poisson_assumed"].map({True: "ε assumes Poisson", False: "Poisson"}),
+        epsilon_rdp=lambda t: t["epsilon_rdp"].replace(np.inf, np.nan),
     )
     ref = table[~table["dp"].astype(bool)]
+    federated = "clients_per_round" in table
     tooltip = [
         alt.Tooltip("label:N", title="backend:variant"),
         alt.Tooltip("privacy:N", title="privacy"),
@@ -58,7 +88,7 @@ def privacy_accuracy(table: pd.DataFrame, scale: alt.Scale, title: str) -> alt.L
         alt.Tooltip("accuracy_min:Q", title="min", format=".4f"),
         alt.Tooltip("accuracy_max:Q", title="max", format=".4f"),
         alt.Tooltip("seeds:Q", title="seeds"),
-        *_settings_tooltip(),
+        *(_federated_tooltip() if federated else _settings_tooltip()),
     ]
     all_acc = pd.concat([table["accuracy_min"], table["accuracy_max"]])
     y = alt.Y("accuracy:Q", title="final test accuracy", scale=alt.Scale(zero=False, domain=_pad(all_acc)))
@@ -81,6 +111,13 @@ def privacy_accuracy(table: pd.DataFrame, scale: alt.Scale, title: str) -> alt.L
             alt.Chart(ref)
             .mark_rule(strokeDash=[6, 4], strokeWidth=1.5)
             .encode(y=y, color=_series(scale, table), tooltip=ref_tooltip)
+        )
+    if not unbounded.empty:
+        free_tooltip = [t for t in tooltip if t.title not in ("ε (PLD)", "ε (RDP)")]
+        layers.append(
+            alt.Chart(unbounded)
+            .mark_rule(strokeDash=[2, 3], strokeWidth=1.5)
+            .encode(y=y, color=_series(scale, table), tooltip=free_tooltip)
         )
     return alt.layer(*layers).properties(title=title, width=WIDTH, height=HEIGHT)
 
@@ -181,15 +218,21 @@ def learning_curves(table: pd.DataFrame, scale: alt.Scale, privacy_order: list[s
     )
 
 
-def epsilon_curves(table: pd.DataFrame, scale: alt.Scale, privacy_order: list[str]) -> alt.FacetChart:
-    """Epsilon after each epoch: the core's PLD and RDP (grey lines) and each backend's own figure (its colour)."""
+def epsilon_curves(
+    table: pd.DataFrame, scale: alt.Scale, privacy_order: list[str], step: str = "epoch"
+) -> alt.FacetChart:
+    """Epsilon after each epoch (or round): the core's PLD and RDP (grey lines) and each backend's own figure (its
+    colour). Infinite epsilons (noise 0) are left out."""
+    table = table[~infinite_epsilon(table)]
+    if step != "epoch":
+        table = table.rename(columns={"epoch": step})
     tooltip = [
         alt.Tooltip("accountant:N"),
         alt.Tooltip("privacy:N"),
-        alt.Tooltip("epoch:Q"),
+        alt.Tooltip(f"{step}:Q"),
         alt.Tooltip("epsilon:Q", title="ε", format=".4f"),
     ]
-    x = alt.X("epoch:Q", axis=alt.Axis(tickMinStep=1, format="d"), title="epoch")
+    x = alt.X(f"{step}:Q", axis=alt.Axis(tickMinStep=1, format="d"), title=step)
     y = alt.Y("epsilon:Q", title="ε")
     core = (
         alt.Chart()
@@ -217,5 +260,60 @@ def epsilon_curves(table: pd.DataFrame, scale: alt.Scale, privacy_order: list[st
             facet=alt.Facet("privacy:N", sort=[p for p in privacy_order if p != tables.NON_PRIVATE], title=None),
             columns=4,
         )
-        .properties(title="ε per epoch: core PLD and RDP, and each backend's own accountant")
+        .properties(title=f"ε per {step}: core PLD and RDP, and each backend's own accountant")
     )
+
+
+def privacy_scale(privacy_order: list[str]) -> alt.Scale:
+    """One colour per privacy level of a section, in its privacy order (a palette apart from the backends')."""
+    return alt.Scale(domain=privacy_order, scheme="dark2")
+
+
+def per_round(
+    table: pd.DataFrame, value: str, y_title: str, title: str, privacy_order: list[str], tooltip: list[alt.Tooltip]
+) -> alt.FacetChart:
+    """A per-round value, one line per privacy level (colour), one panel per backend:variant."""
+    present = [p for p in privacy_order if p in set(table["privacy"])]
+    base = alt.Chart().encode(
+        x=alt.X("round:Q", axis=alt.Axis(tickMinStep=1, format="d"), title="round"),
+        y=alt.Y(f"{value}:Q", title=y_title, scale=alt.Scale(zero=False)),
+        color=alt.Color(
+            "privacy:N",
+            scale=privacy_scale(privacy_order),
+            sort=privacy_order,
+            title="privacy",
+            legend=alt.Legend(values=present),
+        ),
+    )
+    tips = [alt.Tooltip("label:N", title="backend:variant"), alt.Tooltip("privacy:N"), alt.Tooltip("round:Q")]
+    layer = alt.layer(
+        base.mark_line(), base.mark_point(filled=True, size=30).encode(tooltip=tips + tooltip), data=table
+    )
+    return (
+        layer.properties(width=300, height=220)
+        .facet(facet=alt.Facet("label:N", sort=sorted(table["label"].unique()), title=None), columns=3)
+        .properties(title=title)
+    )
+
+
+def round_accuracy(table: pd.DataFrame, privacy_order: list[str]) -> alt.FacetChart:
+    """Test accuracy at each evaluation round, mean over seeds: one line per privacy level, a panel per backend."""
+    tooltip = [
+        alt.Tooltip("accuracy:Q", title="test accuracy (mean)", format=".4f"),
+        alt.Tooltip("accuracy_min:Q", title="min", format=".4f"),
+        alt.Tooltip("accuracy_max:Q", title="max", format=".4f"),
+        alt.Tooltip("seeds:Q"),
+    ]
+    title = "Test accuracy per round (evaluation rounds)"
+    return per_round(table, "accuracy", "test accuracy", title, privacy_order, tooltip)
+
+
+def clip_curves(table: pd.DataFrame, privacy_order: list[str]) -> alt.FacetChart:
+    """The adaptive clip norm of each round, mean over seeds: one line per privacy level, a panel per backend."""
+    tooltip = [
+        alt.Tooltip("clip_norm:Q", title="clip norm", format=".4g"),
+        alt.Tooltip("unclipped_fraction:Q", title="clients not clipped", format=".2f"),
+        alt.Tooltip("seeds:Q"),
+    ]
+    title = "Adaptive clip norm per round"
+    return per_round(table, "clip_norm", "clip norm", title, privacy_order, tooltip)

@@ -73,6 +73,16 @@ METHODS = (
 )
 
 
+FEDERATED_METHODS = (
+    "Federated workload (DP-FedAvg, one result row per round): ε is user-level, from the core's PLD accountant "
+    "(RDP beside it) over the rounds so far, with Poisson sampling of clients at rate expected clients per round / "
+    "clients; noise 0 gives ε = ∞. Test accuracy is measured on evaluation rounds only; the final one is the last "
+    "evaluation's. Clip norm: the adaptive clip norm of the last round. Seconds per round: the median over rounds "
+    "after the first of the whole round (local training of the sampled clients, aggregation, noise, server update); "
+    "local training: the backend's part alone. There is no DP / non-private per-epoch comparison here."
+)
+
+
 @functools.cache
 def _vega_bundle() -> str:
     import vl_convert
@@ -194,7 +204,84 @@ def _problems(section: Section) -> str:
     )
 
 
+def _seeds_vary(table: pd.DataFrame) -> bool:
+    return table["seed"].nunique() > 1
+
+
+def _federated_table(section: Section, colors: dict[str, str]) -> str:
+    """One row per federated run: clients, noise, final ε, accuracy and clip norm, seconds per round, status."""
+    table = section.federated_runs
+    with_seed = _seeds_vary(table)
+    rows = []
+    for _, r in table.iterrows():
+        status = _e(r["status"])
+        rows.append(
+            [
+                _td(_swatch(r["label"], colors)),
+                _td(_e(r["privacy"])),
+                *([_td(_e(r["seed"]), True)] if with_seed else []),
+                _td(_num(r["clients_per_round"], ".0f"), True),
+                _td(_num(r["noise_multiplier"], ".4g"), True),
+                _td(_e(tables.epsilon_text(r["epsilon"])), True),
+                _td(_e(tables.epsilon_text(r["epsilon_rdp"])), True),
+                _td(_num(r["accuracy"], ".4f"), True),
+                _td(_num(r["accuracy_round"], ".0f"), True),
+                _td(_num(r["clip_norm"], ".4g"), True),
+                _td(_num(r["seconds_per_round"]), True),
+                _td(_num(r["train_seconds_per_round"]), True),
+                _td(f"{int(r['rounds_done'])}/{_num(r['rounds'], '.0f')}", True),
+                _td(status, cls=f"status-{status}"),
+            ]
+        )
+    headers = ["backend:variant", "privacy", *(["seed"] if with_seed else []), "clients/round", "σ"]
+    headers += ["final ε (PLD)", "final ε (RDP)", "final test accuracy", "at round", "final clip norm"]
+    headers += ["s/round", "local training s/round", "rounds", "status"]
+    return _table(headers, rows, "federated")
+
+
+def _unbounded_levels(section: Section) -> list[str]:
+    """Privacy levels of DP runs whose final ε is infinite (noise 0)."""
+    runs = section.federated_runs
+    infinite = runs["dp"].astype(bool) & runs["epsilon"].astype(float).map(math.isinf)
+    return list(dict.fromkeys(runs[infinite]["privacy"]))
+
+
+def _federated_section(section: Section, scale: alt.Scale, colors: dict[str, str], out: _Charts) -> str:
+    """A federated workload: accuracy per round, privacy vs accuracy, ε and clip norm per round, and its runs."""
+    unbounded = _unbounded_levels(section)
+    parts = [
+        f'<section class="workload federated"><h2>{_e(section.title)}</h2>',
+        f'<p class="settings">{_e(section.settings())}</p>',
+        f'<p class="meta">{_e(FEDERATED_METHODS)}</p>',
+        _problems(section),
+    ]
+    if unbounded:
+        levels = ", ".join(unbounded)
+        note = f"{levels}: no noise, so ε = ∞ (no privacy). Left off the ε axis; dotted line at its accuracy."
+        parts.append(f'<div class="note">{_e(note)}</div>')
+    blocks = []
+    if not section.round_accuracy.empty:
+        chart = charts.round_accuracy(section.round_accuracy, section.privacy_order)
+        blocks.append(out.embed(chart, "round-accuracy"))
+    if not section.privacy_accuracy.empty:
+        title = "Privacy vs accuracy (dashed: non-private" + ("; dotted: ε = ∞, no noise)" if unbounded else ")")
+        blocks.append(out.embed(charts.privacy_accuracy(section.privacy_accuracy, scale, title), "privacy-accuracy"))
+    if not section.epsilon_curves.empty and not charts.infinite_epsilon(section.epsilon_curves).all():
+        chart = charts.epsilon_curves(section.epsilon_curves, scale, section.privacy_order, step="round")
+        blocks.append(out.embed(chart, "epsilon"))
+    if not section.clip_curves.empty:
+        blocks.append(out.embed(charts.clip_curves(section.clip_curves, section.privacy_order), "clip-norm"))
+    if blocks:
+        parts.append('<div class="charts">' + "\n".join(blocks) + "</div>")
+    else:
+        parts.append('<p class="problems">No run in this workload finished ok, so there is nothing to chart.</p>')
+    parts += [_federated_table(section, colors), "</section>"]
+    return "\n".join(p for p in parts if p)
+
+
 def _section(section: Section, scale: alt.Scale, colors: dict[str, str], out: _Charts) -> str:
+    if section.federated:
+        return _federated_section(section, scale, colors, out)
     parts = [
         f'<section class="workload"><h2>{_e(section.title)}</h2>',
         f'<p class="settings">{_e(section.settings())}</p>',
@@ -226,10 +313,17 @@ def _section(section: Section, scale: alt.Scale, colors: dict[str, str], out: _C
     return "\n".join(p for p in parts if p)
 
 
+def _progress(run: pd.Series) -> str:
+    """Epochs done of those planned; for a federated run, rounds."""
+    if tables.is_federated(run):
+        return f"{int(run['epochs_done'])}/{_num(run.get('rounds'), '.0f')} rounds"
+    return f"{int(run['epochs_done'])}/{_num(run['epochs'], '.0f')}"
+
+
 def _runs_table(report: Report, colors: dict[str, str]) -> str:
     rows = []
     for _, r in report.runs.iterrows():
-        shuffled = bool(r["dp"]) and r["sampling"] == "shuffle"
+        shuffled = bool(r["dp"]) and r["sampling"] == "shuffle" and not tables.is_federated(r)
         mark = '<span title="ε assumes Poisson sampling">†</span>' if shuffled else ""
         status = _e(r["status"])
         rows.append(
@@ -240,10 +334,10 @@ def _runs_table(report: Report, colors: dict[str, str]) -> str:
                 _td(_e(r["privacy"])),
                 _td(_e(r["seed"]), True),
                 _td(status, cls=f"status-{status}"),
-                _td(f"{int(r['epochs_done'])}/{_num(r['epochs'], '.0f')}", True),
+                _td(_progress(r), True),
                 _td(_num(r["test_accuracy"], ".4f"), True),
-                _td(_num(r["epsilon"], ".3f") + mark, True),
-                _td(_num(r["epsilon_rdp"], ".3f") + mark, True),
+                _td(_e(tables.epsilon_text(r["epsilon"])) + mark, True),
+                _td(_e(tables.epsilon_text(r["epsilon_rdp"])) + mark, True),
                 _td(_num(r["epsilon_reported"], ".3f"), True),
                 _td(_num(r["seconds_per_epoch"]), True),
                 _td(_num(r["peak_memory_mb"], ".0f"), True),

@@ -49,7 +49,48 @@ def _value(table: pd.DataFrame, label: str, mode: str, column: str, spec: str, s
     return _num(match.iloc[0][column], spec, suffix) if not match.empty else "—"
 
 
+def _problems(section: Section) -> list[str]:
+    bad = section.runs[section.runs["status"] != "ok"]
+    if bad.empty:
+        return []
+    lines = [f"{len(bad)} of {len(section.runs)} runs did not finish ok:"]
+    for _, r in bad.iterrows():
+        reason = (r["error"] or "").strip().split("\n")[0]
+        lines.append(
+            f"- {escape(r['label'])} {escape(r['privacy'])} seed {escape(r['seed'])}: "
+            f"**{escape(r['status'])}** {escape(reason)}"
+        )
+    return [*lines, ""]
+
+
+def _federated_section(section: Section) -> list[str]:
+    """A federated workload: one table row per run with clients, noise, final ε, accuracy, clip and s/round."""
+    lines = [f"## {escape(section.title)}", "", escape(section.settings()), ""]
+    table = section.federated_runs
+    with_seed = table["seed"].nunique() > 1
+    headers = ["backend:variant", "privacy", *(["seed"] if with_seed else []), "clients/round", "σ"]
+    headers += ["ε (PLD)", "ε (RDP)", "test acc", "round", "clip norm", "s/round", "local s/round", "status"]
+    lines += [_row(headers), _row(["---"] * len(headers))]
+    for _, r in table.iterrows():
+        cells = [escape(r["label"]), escape(r["privacy"]), *([escape(r["seed"])] if with_seed else [])]
+        cells += [_num(r["clients_per_round"], ".0f"), _num(r["noise_multiplier"], ".4g")]
+        cells += [escape(tables.epsilon_text(r["epsilon"])), escape(tables.epsilon_text(r["epsilon_rdp"]))]
+        cells += [_num(r["accuracy"], ".4f"), _num(r["accuracy_round"], ".0f"), _num(r["clip_norm"], ".4g")]
+        cells += [_num(r["seconds_per_round"], ".3g"), _num(r["train_seconds_per_round"], ".3g"), escape(r["status"])]
+        lines.append(_row(cells))
+    lines += [
+        "",
+        "User-level ε after the last round (∞: no noise); accuracy: the last evaluation round's; clip norm: the "
+        "last round's adaptive clip; s/round: median over rounds after the first (whole round; local: the "
+        "backend's training alone).",
+        "",
+    ]
+    return lines + _problems(section)
+
+
 def _section(section: Section) -> list[str]:
+    if section.federated:
+        return _federated_section(section)
     lines = [f"## {escape(section.title)}", "", escape(section.settings()), ""]
     if section.shuffled:
         lines += ["> **Note:** shuffle-sampled DP runs: their ε assumes Poisson sampling and is not a guarantee.", ""]
@@ -79,17 +120,7 @@ def _section(section: Section) -> list[str]:
     lines.append("")
     if eps:
         lines += ["Final " + "; ".join(eps) + ".", ""]
-    bad = section.runs[section.runs["status"] != "ok"]
-    if not bad.empty:
-        lines.append(f"{len(bad)} of {len(section.runs)} runs did not finish ok:")
-        for _, r in bad.iterrows():
-            reason = (r["error"] or "").strip().split("\n")[0]
-            lines.append(
-                f"- {escape(r['label'])} {escape(r['privacy'])} seed {escape(r['seed'])}: "
-                f"**{escape(r['status'])}** {escape(reason)}"
-            )
-        lines.append("")
-    return lines
+    return lines + _problems(section)
 
 
 def render(report: Report) -> str:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import pandas as pd
@@ -24,6 +24,15 @@ class Section:
     learning_curves: pd.DataFrame
     epsilon_curves: pd.DataFrame
     privacy_order: list[str]
+    kind: str = "centralized"
+    federated_runs: pd.DataFrame = field(default_factory=pd.DataFrame)
+    round_accuracy: pd.DataFrame = field(default_factory=pd.DataFrame)
+    clip_curves: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+    @property
+    def federated(self) -> bool:
+        """Whether this workload's runs are DP-FedAvg rounds rather than DP-SGD epochs."""
+        return self.kind == tables.FEDERATED
 
     @property
     def title(self) -> str:
@@ -36,6 +45,8 @@ class Section:
 
     def settings(self) -> str:
         """The workload's shared settings in one line (the values of its first run; DP ones from a DP run)."""
+        if self.federated:
+            return federated_settings(self.runs)
         first = self.runs.iloc[0]
         dp = self.runs[self.runs["dp"].astype(bool)]
         parts = [
@@ -50,6 +61,47 @@ class Section:
                 parts += [f"clipping norm C={d['max_grad_norm']:g}", f"δ={d['delta']:g}"]
             parts.append(f"{d['sampling']} sampling")
         return ", ".join(p for p in parts if p)
+
+
+def _count(value: object, unit: str) -> str | None:
+    """'100 rounds', '1 local epoch'; None when the value is missing."""
+    if value is None or pd.isna(value):
+        return None
+    n = int(value)  # type: ignore[arg-type]
+    return f"{n} {unit}" if n == 1 else f"{n} {unit}s"
+
+
+def clients_per_round(runs: pd.DataFrame) -> str | None:
+    """'expected 50 clients per round', or 'expected 50–120 clients per round' when the runs differ."""
+    values = sorted({int(v) for v in runs["clients_per_round"].dropna()})
+    if not values:
+        return None
+    span = str(values[0]) if len(values) == 1 else f"{values[0]}–{values[-1]}"
+    return f"expected {span} clients per round"
+
+
+def federated_settings(runs: pd.DataFrame) -> str:
+    """A federated workload's shared settings in one line: clients, rounds, local training, clip, δ, sampling."""
+    first = runs.iloc[0]
+    dp = runs[runs["dp"].astype(bool)]
+    parts = [
+        f"{int(first['dataset_size'])} training examples" if pd.notna(first["dataset_size"]) else None,
+        _count(first["total_clients"], "client"),
+        clients_per_round(runs),
+        _count(first["rounds"], "round"),
+        _count(first["epochs"], "local epoch"),
+        f"client batch {int(first['batch_size'])}" if pd.notna(first["batch_size"]) else None,
+        f"client {first['optimizer']}" if isinstance(first["optimizer"], str) else None,
+    ]
+    if dp.empty:
+        return ", ".join(p for p in [*parts, "Poisson sampling of clients"] if p)
+    d = dp.iloc[0]
+    parts += [
+        f"initial clip C={d['max_grad_norm']:g}" if pd.notna(d["max_grad_norm"]) else None,
+        f"δ={d['delta']:g}" if pd.notna(d["delta"]) else None,
+        "Poisson sampling of clients (user-level DP)",
+    ]
+    return ", ".join(p for p in parts if p)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,6 +122,17 @@ class Report:
         return tables.status_counts(self.runs)
 
 
+def _federated_tables(rows: pd.DataFrame, run_table: pd.DataFrame) -> dict[str, object]:
+    """The Section fields that only a federated workload has."""
+    return {
+        "kind": tables.FEDERATED,
+        "privacy_accuracy": tables.federated_privacy_accuracy(run_table),
+        "federated_runs": tables.federated_runs(rows, run_table),
+        "round_accuracy": tables.round_accuracy(rows, run_table),
+        "clip_curves": tables.clip_curves(rows, run_table),
+    }
+
+
 def build(results: ResultSet) -> Report:
     rows = results.frame
     run_table = tables.runs(rows)
@@ -79,17 +142,21 @@ def build(results: ResultSet) -> Report:
         section_runs = run_table[in_section].reset_index(drop=True)
         section_rows = rows[rows["run_id"].isin(section_runs["run_id"])]
         order = list(dict.fromkeys(section_runs.sort_values("privacy_order", kind="stable")["privacy"]))
+        if tables.federated_mask(section_runs).any():
+            fields = _federated_tables(section_rows, section_runs)
+        else:
+            fields = {"privacy_accuracy": tables.privacy_accuracy(section_runs)}
         sections.append(
             Section(
                 suite=suite,
                 workload=workload,
                 runs=section_runs,
-                privacy_accuracy=tables.privacy_accuracy(section_runs),
                 speed=tables.speed(section_rows, section_runs),
                 memory=tables.memory(section_runs),
                 learning_curves=tables.learning_curves(section_rows, section_runs),
                 epsilon_curves=tables.epsilon_curves(section_rows, section_runs),
                 privacy_order=order,
+                **fields,
             )
         )
     return Report(

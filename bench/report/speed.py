@@ -250,7 +250,10 @@ def _values(col: pd.Series) -> str:
 
 
 def build(rows: pd.DataFrame, label: str, targets: tuple[Target, ...] = TARGETS) -> SpeedReport:
-    """The speed tables of every section in `rows`, with `label`'s targets checked in each."""
+    """The speed tables of every DP-SGD section in `rows`, with `label`'s targets checked in each (federated
+    workloads have rounds, not epochs of DP-SGD steps: the report's own table shows their seconds per round)."""
+    if "workload_kind" in rows:
+        rows = rows[rows["workload_kind"].fillna("centralized") != "federated"]
     run_table = tables.runs(rows)
     table = speed_table(rows, run_table)
     sections = []

@@ -16,6 +16,7 @@ SECTION = ["suite", "workload"]
 NON_PRIVATE = "non-private"
 DP, NONDP = "DP", "non-private"
 PLD, RDP = "PLD (core)", "RDP (core)"
+FEDERATED = "federated"
 
 
 def label(backend: object, variant: object) -> str:
@@ -26,8 +27,18 @@ def _fmt_number(x: float) -> str:
     return f"{x:g}"
 
 
+def is_federated(row: pd.Series) -> bool:
+    """Whether a result row (or run) is a federated (DP-FedAvg) run; rows without the column are DP-SGD runs."""
+    return row.get("workload_kind") == FEDERATED
+
+
 def privacy_level(row: pd.Series) -> str:
-    """How a run's privacy was asked for: 'non-private', 'ε=1' (target) or 'σ=0.8' (noise multiplier)."""
+    """How a run's privacy was asked for: 'non-private', 'ε=1' (target) or 'σ=0.8' (noise multiplier).
+
+    Federated runs also name their noise and clients per round, which tell calibrated runs apart.
+    """
+    if is_federated(row):
+        return federated_privacy_level(row)
     if not row["dp"]:
         return NON_PRIVATE
     if pd.notna(row["target_epsilon"]):
@@ -35,12 +46,35 @@ def privacy_level(row: pd.Series) -> str:
     return f"σ={_fmt_number(row['noise_multiplier'])}"
 
 
-def _privacy_order(row: pd.Series) -> tuple:
+def federated_privacy_level(row: pd.Series) -> str:
+    """'σ=0.5 · 50/round', 'σ=1.2 · 120/round (ε=2 target)' or 'non-private · 50/round'."""
+    clients = f" · {int(row['clients_per_round'])}/round" if pd.notna(row.get("clients_per_round")) else ""
     if not row["dp"]:
-        return (0, 0.0, 0.0)
+        return NON_PRIVATE + clients
+    sigma = f"σ={row['noise_multiplier']:.3g}" if pd.notna(row["noise_multiplier"]) else "σ=?"
+    target = f" (ε={_fmt_number(row['target_epsilon'])} target)" if pd.notna(row["target_epsilon"]) else ""
+    return sigma + clients + target
+
+
+def _privacy_order(row: pd.Series) -> tuple:
+    clients = row.get("clients_per_round")
+    extra = (float(clients) if pd.notna(clients) else 0.0,) if is_federated(row) else ()
+    if not row["dp"]:
+        return (0, 0.0, 0.0, *extra)
     eps = row["target_epsilon"] if pd.notna(row["target_epsilon"]) else math.inf
     sigma = row["noise_multiplier"] if pd.notna(row["noise_multiplier"]) else 0.0
-    return (1, eps, -sigma)
+    return (1, eps, -sigma, *extra)
+
+
+def epsilon_text(value: object, spec: str = ".3f") -> str:
+    """An epsilon for a table: '—' when missing, '∞ (no noise)' when infinite (a DP run with noise 0)."""
+    try:
+        x = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return "—"
+    if math.isnan(x):
+        return "—"
+    return "∞ (no noise)" if math.isinf(x) else format(x, spec)
 
 
 def timed_epochs(group: pd.DataFrame) -> pd.Series:
@@ -264,6 +298,119 @@ def epsilon_curves(rows: pd.DataFrame, run_table: pd.DataFrame) -> pd.DataFrame:
     own = own.groupby([*SECTION, "privacy", "label", "epoch"])["epsilon_reported"].mean().reset_index()
     parts.append(own.rename(columns={"epsilon_reported": "epsilon"}).assign(accountant=own["label"] + " (own)"))
     return pd.concat(parts, ignore_index=True)[columns]
+
+
+def federated_mask(frame: pd.DataFrame) -> pd.Series:
+    """Which rows of a result or run table are federated; tables without `workload_kind` hold DP-SGD runs only."""
+    if "workload_kind" not in frame:
+        return pd.Series(False, index=frame.index)
+    return frame["workload_kind"] == FEDERATED
+
+
+def _steady(group: pd.DataFrame, column: str) -> pd.Series:
+    """A per-round (per-epoch) time of every round after the first, or of the only one: as `timed_epochs`."""
+    done = group.dropna(subset=["epoch"])
+    later = done[done["epoch"] >= 2]
+    return (later if not later.empty else done)[column].dropna()
+
+
+def _median(values: pd.Series) -> float:
+    return float(values.median()) if not values.empty else np.nan
+
+
+def _last(values: pd.Series) -> tuple[float, object]:
+    """The last non-null value of a column sorted by round, and its index; NaN and None when there is none."""
+    values = values.dropna()
+    return (float(values.iloc[-1]), values.index[-1]) if not values.empty else (np.nan, None)
+
+
+FEDERATED_COLUMNS = [
+    *SECTION,
+    "run_id",
+    "label",
+    "privacy",
+    "privacy_order",
+    "seed",
+    "status",
+    "dp",
+    "total_clients",
+    "clients_per_round",
+    "noise_multiplier",
+    "target_epsilon",
+    "epsilon",
+    "epsilon_rdp",
+    "accuracy",
+    "accuracy_round",
+    "clip_norm",
+    "unclipped_fraction",
+    "seconds_per_round",
+    "train_seconds_per_round",
+    "rounds_done",
+    "rounds",
+]
+
+
+def federated_runs(rows: pd.DataFrame, run_table: pd.DataFrame) -> pd.DataFrame:
+    """One row per federated run, whatever its status, in run-table order.
+
+    Final ε (PLD and RDP, inf for noise 0), the last evaluated test accuracy and its round, the clip norm and
+    unclipped fraction of the last round, and median seconds per round (whole round; the backends' local
+    training alone) over the rounds after the first.
+    """
+    fed = run_table[federated_mask(run_table)] if not run_table.empty else run_table
+    out = []
+    for _, run in fed.iterrows():
+        group = rows[rows["run_id"] == run["run_id"]].sort_values("epoch", na_position="first")
+        accuracy, at = _last(group["test_accuracy"])
+        clip, clip_at = _last(group["clip_norm"])
+        out.append(
+            {
+                **{k: run[k] for k in [*SECTION, "run_id", "label", "privacy", "privacy_order", "seed", "status"]},
+                "dp": bool(run["dp"]),
+                **{k: run[k] for k in ("total_clients", "clients_per_round", "noise_multiplier", "target_epsilon")},
+                "epsilon": float(run["epsilon"]) if pd.notna(run["epsilon"]) else np.nan,
+                "epsilon_rdp": float(run["epsilon_rdp"]) if pd.notna(run["epsilon_rdp"]) else np.nan,
+                "accuracy": accuracy,
+                "accuracy_round": int(group.loc[at, "epoch"]) if at is not None else None,
+                "clip_norm": clip,
+                "unclipped_fraction": group.loc[clip_at, "unclipped_fraction"] if clip_at is not None else np.nan,
+                "seconds_per_round": _median(_steady(group, "epoch_seconds")),
+                "train_seconds_per_round": _median(_steady(group, "train_seconds")),
+                "rounds_done": int(run["epochs_done"]),
+                "rounds": run["rounds"],
+            }
+        )
+    return pd.DataFrame(out, columns=FEDERATED_COLUMNS)
+
+
+def federated_privacy_accuracy(run_table: pd.DataFrame) -> pd.DataFrame:
+    """`privacy_accuracy` with each level's clients per round, total clients and rounds (of its first ok run)."""
+    table = privacy_accuracy(run_table)
+    keys = [*SECTION, "label", "privacy"]
+    clients = _ok(run_table).drop_duplicates(keys)[[*keys, "clients_per_round", "total_clients", "rounds"]]
+    return table.merge(clients, on=keys, how="left")
+
+
+def round_accuracy(rows: pd.DataFrame, run_table: pd.DataFrame) -> pd.DataFrame:
+    """Test accuracy at each evaluation round of ok runs (rounds without one are left out): mean, min and max over
+    seeds per series and privacy level."""
+    return learning_curves(rows, run_table).rename(columns={"epoch": "round"})
+
+
+def clip_curves(rows: pd.DataFrame, run_table: pd.DataFrame) -> pd.DataFrame:
+    """The adaptive clip norm of each round of ok DP runs and the fraction of clients under it: means over seeds."""
+    columns = [*SECTION, "label", "privacy", "round", "clip_norm", "unclipped_fraction", "seeds"]
+    ok = _ok(run_table)
+    ok = ok[ok["dp"].astype(bool)] if not ok.empty else ok
+    if ok.empty:
+        return pd.DataFrame(columns=columns)
+    keyed = rows.merge(ok[["run_id", "label", "privacy"]], on="run_id").dropna(subset=["epoch", "clip_norm"])
+    grouped = keyed.groupby([*SECTION, "label", "privacy", "epoch"], sort=True)
+    out = grouped.agg(
+        clip_norm=("clip_norm", "mean"), unclipped_fraction=("unclipped_fraction", "mean"), seeds=("run_id", "nunique")
+    ).reset_index()
+    out = out.rename(columns={"epoch": "round"}).assign(round=lambda t: t["round"].astype(int))
+    return out[columns]
 
 
 def provenance(run_table: pd.DataFrame) -> pd.DataFrame:

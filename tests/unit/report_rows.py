@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -133,3 +134,87 @@ def frame(*runs: list[dict[str, Any]]) -> pd.DataFrame:
 def write(results: Path, *runs: list[dict[str, Any]]) -> None:
     for run in runs:
         write_rows(results / run[0]["suite"].replace("/", "_") / f"{run[0]['run_id']}.parquet", run)
+
+
+def fed_accuracy(r: int, top: float = 0.8) -> float:
+    """A federated run's test accuracy after round r: rises towards `top`."""
+    return round(top - 0.3 / r, 6)
+
+
+def fed_clip(r: int) -> float:
+    """The adaptive clip norm used in round r: shrinks from the initial 0.1."""
+    return round(0.1 * 0.9**r, 8)
+
+
+def fed_seconds(r: int) -> float:
+    """Whole-round seconds: the first round compiles."""
+    return 5.0 if r == 1 else 1.0 + 0.1 * r
+
+
+def federated_rows(
+    *,
+    run_id: str,
+    noise_multiplier: float | None = 0.5,
+    target_epsilon: float | None = None,
+    clients_per_round: int = 50,
+    total_clients: int = 3383,
+    rounds: int = 20,
+    eval_every: int = 5,
+    final_epsilon: float = 4.0,
+    top: float = 0.8,
+    done: int | None = None,
+    dp: bool = True,
+    suite: str = "fed",
+    workload: str = "fedavg",
+    **overrides: Any,
+) -> list[dict[str, Any]]:
+    """One row per round of a DP-FedAvg run as `bench run` writes them (`done` rounds finished, default all).
+
+    Test accuracy on every `eval_every`-th round and the last planned one; ε grows as sqrt(round), inf for
+    noise 0; clip norm `fed_clip`, round seconds `fed_seconds`, local training 80% of a round.
+    """
+    n = rounds if done is None else done
+    steps = range(1, n + 1)
+    infinite = dp and not noise_multiplier
+    eps = [math.inf if infinite else final_epsilon * math.sqrt(r / rounds) for r in steps]
+    rows = run_rows(
+        run_id=run_id,
+        dp=dp,
+        noise_multiplier=noise_multiplier,
+        target_epsilon=target_epsilon,
+        accuracies=tuple(fed_accuracy(r, top) for r in steps),
+        seconds=tuple(fed_seconds(r) for r in steps),
+        memory=(100.0,) * n,
+        epsilons=tuple(eps),
+        epsilons_rdp=tuple(e * 1.1 for e in eps),
+        epsilons_reported=(None,) * n,
+        suite=suite,
+        workload=workload,
+        **{
+            "batch_size": 32,
+            "epochs": 1,
+            "max_grad_norm": 0.1 if dp else None,
+            "sample_rate": clients_per_round / total_clients,
+            "learning_rate": 0.01,
+            "workload_kind": "federated",
+            "total_clients": total_clients,
+            "clients_per_round": clients_per_round,
+            "rounds": rounds,
+            **overrides,
+        },
+    )
+    for row in rows:
+        r = row["epoch"]
+        if r is None:
+            continue
+        evaluated = r % eval_every == 0 or r == rounds
+        row.update(
+            steps=r,
+            test_accuracy=row["test_accuracy"] if evaluated else None,
+            test_loss=1.0 - row["test_accuracy"] if evaluated else None,
+            train_seconds=0.8 * row["epoch_seconds"],
+            sampled_clients=clients_per_round,
+            clip_norm=fed_clip(r) if dp else None,
+            unclipped_fraction=0.5 if dp else None,
+        )
+    return rows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bench import cli
+from bench import accounting, cli
 from bench.runner import ProbeResult, Runner
 from bench.spec import RunSpec
 
@@ -126,3 +127,95 @@ def test_output_into_a_closed_pipe_ends_quietly():
     stderr = proc.stderr.read()
     assert proc.wait() == 0, stderr
     assert "BrokenPipeError" not in stderr and "Traceback" not in stderr
+
+
+# --- bench calibrate, federated form (the TensorFlow Federated DP tutorial) ----------------------------------------
+
+TUTORIAL = ["calibrate", "--epsilon", "2", "--delta", "1e-5", "--total-clients", "3383", "--rounds", "100"]
+TUTORIAL_TABLE = """\
+target epsilon=2 delta=1e-05 total clients=3383 rounds=100 noise per client=0.01
+accountant clients/round    noise  epsilon        q
+PLD                  104   1.0400   1.9846  0.03074
+RDP                  120   1.2000   1.9861  0.03547
+"""
+
+
+_calibrate_clients = functools.cache(accounting.calibrate_clients)
+
+
+@pytest.fixture
+def cached_calibration(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tutorial's calibration takes a few seconds; compute it once for all the CLI tests."""
+    monkeypatch.setattr("bench.accounting.calibrate_clients", _calibrate_clients)
+
+
+@pytest.mark.parametrize(
+    "noise", [["--noise-per-client", "0.01"], ["--base-noise", "0.5", "--base-clients", "50"]], ids=["ratio", "base"]
+)
+def test_calibrate_clients_per_round_reproduces_the_tutorial(capsys, cached_calibration, noise):
+    assert cli.main([*TUTORIAL, *noise]) == 0
+    assert capsys.readouterr().out == TUTORIAL_TABLE
+
+
+def test_calibrate_federated_names_an_accountant_that_cannot_reach_the_target(capsys, monkeypatch):
+    from bench.accounting import CalibrationError, ClientCalibration
+
+    def fake(*, accountant: str, **_):
+        if accountant == "rdp":
+            raise CalibrationError("out of reach with RDP even with all 3383 clients")
+        return ClientCalibration(clients_per_round=605, noise_multiplier=6.05, epsilon=1.1499, accountant="pld")
+
+    monkeypatch.setattr("bench.accounting.calibrate_clients", fake)
+    assert cli.main([*TUTORIAL, "--noise-per-client", "0.01"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[2].split() == ["PLD", "605", "6.0500", "1.1499", "0.1788"]
+    assert out[3].split() == ["RDP", "-", "-", "-", "-", "out", "of", "reach"]
+    assert out[4] == "note: out of reach with RDP even with all 3383 clients"
+
+
+def test_calibrate_federated_out_of_reach_is_a_usage_error(capsys):
+    argv = ["calibrate", "--epsilon", "1", "--total-clients", "3383", "--rounds", "100", "--noise-per-client", "0.01"]
+    assert cli.main(argv) == cli.EXIT_USAGE
+    assert (
+        "error: epsilon 1 at delta 1e-05 is out of reach with PLD even with all 3383 clients" in capsys.readouterr().err
+    )
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "--sample-rate: got None, expected --sample-rate Q (DP-SGD) or --total-clients N (federated)"),
+        (
+            ["--sample-rate", "0.01", "--total-clients", "10", "--rounds", "3", "--noise-per-client", "1"],
+            "--sample-rate: got 0.01, expected no --sample-rate with --total-clients",
+        ),
+        (
+            ["--epochs", "2", "--total-clients", "10", "--rounds", "3", "--noise-per-client", "1"],
+            "--epochs: got 2, expected no --epochs with --total-clients",
+        ),
+        (["--rounds", "3", "--noise-per-client", "1"], "--total-clients: got None"),
+        (["--total-clients", "10", "--noise-per-client", "1"], "--rounds: got None"),
+        (["--total-clients", "10", "--rounds", "3"], "--noise-per-client: got None, expected --noise-per-client C, or"),
+        (["--total-clients", "10", "--rounds", "3", "--base-noise", "1"], "--base-clients: got None"),
+        (["--total-clients", "10", "--rounds", "3", "--base-clients", "5"], "--base-noise: got None"),
+        (
+            ["--total-clients", "10", "--rounds", "3", "--noise-per-client", "1", "--base-noise", "1"],
+            "--base-noise: got 1.0, expected either --noise-per-client or --base-noise/--base-clients, not both",
+        ),
+        (
+            ["--total-clients", "10", "--rounds", "3", "--noise-per-client", "1", "--delta", "1"],
+            "--delta: got 1.0, expected 0 < delta < 1",
+        ),
+    ],
+)
+def test_calibrate_contradictory_or_missing_flags(capsys, argv, message):
+    assert cli.main(["calibrate", "--epsilon", "2", *argv]) == cli.EXIT_USAGE
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--total-clients", "--rounds", "--base-clients"])
+def test_calibrate_counts_must_be_positive_integers(capsys, flag):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["calibrate", "--epsilon", "2", flag, "0"])
+    assert info.value.code == cli.EXIT_USAGE
+    assert f"{flag}: got '0', expected a number > 0" in capsys.readouterr().err

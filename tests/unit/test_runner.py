@@ -373,3 +373,51 @@ def test_probe_key_ignores_privacy_level_and_seed():
         dataclasses.replace(base, dataset=DatasetSpec(name="synthetic", train_size=500)),
     ]
     assert len({probe_key(r) for r in different} | {probe_key(base)}) == len(different) + 1
+
+
+def _fed_run(**dp) -> RunSpec:
+    from bench.spec import FederatedConfig, PartitionSpec
+
+    fed = FederatedConfig(partition=PartitionSpec(clients=100), rounds=3, clients_per_round=10, total_clients=100)
+    return dataclasses.replace(_run(**dp), federated=fed, train=TrainConfig(epochs=1, batch_size=8))
+
+
+def _round(k: int, evaluated: bool = True) -> dict:
+    return {
+        "event": "round",
+        "round": k,
+        "sampled_clients": 9,
+        "examples": 90,
+        "train_loss": 1.0,
+        "train_accuracy": 0.5,
+        "test_loss": 1.0 if evaluated else None,
+        "test_accuracy": 0.5 if evaluated else None,
+        "clip_norm": 0.1,
+        "unclipped_fraction": 0.4,
+        "train_seconds": 0.3,
+        "round_seconds": 0.4,
+        "peak_memory_mb": 100.0,
+    }
+
+
+def test_federated_rows_are_per_round_with_user_level_epsilon():
+    from bench.accounting import epsilon
+
+    run = _fed_run(noise_multiplier=1.0)
+    rows = build_rows(run, [_round(1, False), _round(2, False), _round(3)], "ok", "", 0.0)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert all(r["workload_kind"] == "federated" and r["clients_per_round"] == 10 for r in rows)
+    assert rows[0]["test_accuracy"] is None and rows[2]["test_accuracy"] == 0.5
+    assert rows[2]["sampled_clients"] == 9 and rows[2]["clip_norm"] == 0.1 and rows[2]["epoch_seconds"] == 0.4
+    expected = epsilon(sample_rate=0.1, noise_multiplier=1.0, steps=3, delta=1e-5)
+    assert rows[2]["epsilon"] == pytest.approx(expected.pld, rel=0.02)
+    assert rows[2]["epsilon_rdp"] == pytest.approx(expected.rdp, rel=1e-6)
+    assert rows[0]["epsilon"] < rows[1]["epsilon"] < rows[2]["epsilon"]
+    assert build_rows(_run(), [_epoch(1)], "ok", "", 0.0)[0]["workload_kind"] == "centralized"
+
+
+def test_federated_run_short_of_its_rounds_is_not_ok():
+    run = _fed_run(noise_multiplier=1.0)
+    status, error = _finish_status(run, [_round(1), _round(2), {"event": "end", "status": "ok"}], 0, False)
+    assert status == "failed" and "2 of 3 rounds" in error
+    assert _finish_status(run, [_round(1), _round(2), _round(3), {"event": "end", "status": "ok"}], 0, False)[0] == "ok"

@@ -207,13 +207,17 @@ def test_shipped_suites_load(path):
     for r in suite.runs:
         assert r.backend == "jax"
         assert r.dataset_size > 0 and r.train.batch_size <= r.dataset_size
-        if r.dp.enabled:
+        if r.dp.enabled and r.federated is None:
             assert r.dp.noise_multiplier is not None and r.dp.noise_multiplier > 0
+        if r.dp.enabled and r.federated is not None:  # noise 0: the tutorial's clipped, noiseless baseline
+            assert r.dp.noise_multiplier is not None and r.dp.noise_multiplier >= 0
         if r.dp.target_epsilon is not None:
             eps = epsilon(
                 sample_rate=r.sample_rate, noise_multiplier=r.dp.noise_multiplier, steps=r.total_steps, delta=r.dp.delta
             )
-            assert 0.97 * r.dp.target_epsilon <= eps.pld <= r.dp.target_epsilon
+            assert eps.pld <= r.dp.target_epsilon
+            if r.federated is None:  # federated calibration steps in whole clients, and may use RDP
+                assert 0.97 * r.dp.target_epsilon <= eps.pld
 
 
 def test_shipped_suite_by_name():
@@ -463,3 +467,124 @@ def test_non_utf8_file(tmp_path):
     with pytest.raises(SuiteError) as info:
         load_suite(path)
     assert info.value.file == str(path) and str(path) in str(info.value)
+
+
+def federated_suite() -> dict[str, Any]:
+    """A small federated workload: 40 Dirichlet clients of the digits data, 3 rounds."""
+    return {
+        "name": "fed",
+        "backends": ["jax"],
+        "workloads": [
+            {
+                "name": "digits-fedavg",
+                "dataset": "digits",
+                "model": "mlp",
+                "train": {"epochs": 1, "batch_size": 8, "optimizer": {"name": "sgd", "learning_rate": 0.01}},
+                "federated": {
+                    "partition": {"kind": "dirichlet", "clients": 40, "alpha": 0.5},
+                    "rounds": 3,
+                    "clients_per_round": 10,
+                },
+                "dp": {"max_grad_norm": 0.1, "delta": 1.0e-5},
+                "privacy": [
+                    {"dp": False},
+                    {"noise_multiplier": 0.5},
+                    {"noise_multiplier": 1.0, "clients_per_round": 20},
+                ],
+            }
+        ],
+    }
+
+
+def test_federated_workload_has_user_level_sampling_and_defaults(tmp_path):
+    runs = load_suite(write(tmp_path, federated_suite())).runs
+    assert [r.federated.clients_per_round for r in runs] == [10, 10, 20]
+    fed = runs[1].federated
+    assert fed.total_clients == 40 and fed.rounds == 3
+    assert runs[1].sample_rate == 10 / 40 and runs[1].total_steps == 3
+    assert fed.server_optimizer.learning_rate == 1.0 and fed.server_optimizer.momentum == 0.9
+    assert fed.adaptive_clipping.target_quantile == 0.5 and fed.adaptive_clipping.learning_rate == 0.2
+    assert not runs[0].dp.enabled and runs[1].dp.noise_multiplier == 0.5
+    assert len({r.run_id for r in runs}) == 3
+
+
+def test_federated_fixed_clipping_and_target_epsilon_calibrates_noise(tmp_path):
+    data = federated_suite()
+    data["workloads"][0]["federated"]["adaptive_clipping"] = None
+    data["workloads"][0]["privacy"] = [{"target_epsilon": 5.0}]
+    (run,) = load_suite(write(tmp_path, data)).runs
+    assert run.federated.adaptive_clipping is None
+    eps = epsilon(sample_rate=0.25, noise_multiplier=run.dp.noise_multiplier, steps=3, delta=1e-5)
+    assert eps.pld <= 5.0 + 1e-3
+    assert epsilon(sample_rate=0.25, noise_multiplier=run.dp.noise_multiplier * 0.98, steps=3, delta=1e-5).pld > 5.0
+
+
+def test_federated_noise_per_client_calibrates_clients_and_noise(tmp_path):
+    data = federated_suite()
+    data["workloads"][0]["privacy"] = [
+        {"target_epsilon": 8.0, "noise_per_client": 0.1, "accountant": "rdp"},
+        {"target_epsilon": 8.0, "noise_per_client": 0.1},
+    ]
+    rdp_run, pld_run = load_suite(write(tmp_path, data)).runs
+    for run in (rdp_run, pld_run):
+        m = run.federated.clients_per_round
+        assert run.dp.noise_multiplier == pytest.approx(0.1 * m)
+        assert run.dp.target_epsilon == 8.0
+    assert pld_run.federated.clients_per_round <= rdp_run.federated.clients_per_round
+    eps = epsilon(sample_rate=pld_run.sample_rate, noise_multiplier=pld_run.dp.noise_multiplier, steps=3, delta=1e-5)
+    assert eps.pld <= 8.0 + 1e-6
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (lambda w: w["federated"]["partition"].update(clients=5000), "workloads[0].federated.partition.clients"),
+        (lambda w: w["federated"]["partition"].update(kind="writers"), "workloads[0].federated.partition.kind"),
+        (lambda w: w["federated"].update(rounds=0), "workloads[0].federated.rounds"),
+        (lambda w: w["federated"].update(clients_per_round=41), "workloads[0].federated.clients_per_round"),
+        (lambda w: w["federated"].update(servers=1), "workloads[0].federated.servers"),
+        (
+            lambda w: w["federated"].update(adaptive_clipping={"target_quantile": 1.5}),
+            "workloads[0].federated.adaptive_clipping.target_quantile",
+        ),  # fmt: skip
+        (lambda w: w["dp"].update(sampling="shuffle"), "workloads[0].dp.sampling"),
+        (lambda w: w["privacy"].append({"noise_per_client": 0.1}), "workloads[0].privacy[3]"),
+        (
+            lambda w: w["privacy"].append({"target_epsilon": 2.0, "accountant": "gdp"}),
+            "workloads[0].privacy[3].accountant",
+        ),  # fmt: skip
+        (
+            lambda w: w["privacy"].append({"noise_multiplier": 1.0, "accountant": "rdp"}),
+            "workloads[0].privacy[3].accountant",
+        ),  # fmt: skip
+    ],
+)
+def test_federated_errors_name_the_field(tmp_path, change, field):
+    data = federated_suite()
+    change(data["workloads"][0])
+    expect_error(write(tmp_path, data), field)
+
+
+def test_federated_only_privacy_keys_are_rejected_for_dp_sgd(tmp_path):
+    data = base_suite()
+    data["workloads"][0]["privacy"].append({"noise_multiplier": 1.0, "clients_per_round": 5})
+    expect_error(write(tmp_path, data), "workloads[0].privacy[3].clients_per_round")
+
+
+def test_client_ids_partition_counts_the_clients(tmp_path):
+    import numpy as np
+
+    ids = np.arange(1500) % 30
+    np.save(tmp_path / "ids.npy", ids)
+    data = federated_suite()
+    data["workloads"][0]["federated"]["partition"] = {"kind": "client_ids", "file": str(tmp_path / "ids.npy")}
+    assert load_suite(write(tmp_path, data)).runs[0].federated.total_clients == 30
+    np.save(tmp_path / "ids.npy", ids[:100])
+    expect_error(write(tmp_path, data), "workloads[0].federated.partition.file")
+
+
+def test_federated_noise_that_adaptive_clipping_cannot_split_is_a_suite_error(tmp_path):
+    data = federated_suite()
+    data["workloads"][0]["privacy"] = [{"noise_multiplier": 1.2}]  # count stddev 10 / 20 = 0.5: z must be < 1
+    e = expect_error(write(tmp_path, data), "workloads[0].privacy[0].noise_multiplier")
+    assert "count_stddev" in str(e)
