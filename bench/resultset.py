@@ -56,6 +56,17 @@ def _read_one(path: Path) -> pd.DataFrame:
     return frame
 
 
+def _empty_dtype(kind: pa.DataType) -> str:
+    """A pandas dtype that holds an all-missing column of this Arrow type (numpy ints and bools cannot)."""
+    if pa.types.is_integer(kind):
+        return "Int64"
+    if pa.types.is_floating(kind):
+        return "float64"
+    if pa.types.is_boolean(kind):
+        return "boolean"
+    return "object"
+
+
 def load_results(path: Path | str, *, suite: str | None = None) -> ResultSet:
     """Every result under `path` (a results folder or one Parquet file); unreadable files are listed, not fatal.
 
@@ -79,7 +90,7 @@ def load_results(path: Path | str, *, suite: str | None = None) -> ResultSet:
     frame = pd.concat(frames, ignore_index=True)
     for field in SCHEMA:
         if field.name not in frame:
-            frame[field.name] = pd.Series([None] * len(frame), dtype=field.type.to_pandas_dtype())
+            frame[field.name] = pd.Series([None] * len(frame), dtype=_empty_dtype(field.type), index=frame.index)
     frame["workload_kind"] = frame["workload_kind"].fillna("centralized")  # schema 1 had DP-SGD runs only
     if suite is not None:
         suites = sorted(frame["suite"].dropna().unique())
