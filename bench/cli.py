@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
+import shlex
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -147,8 +150,22 @@ def _dry_run(suite: Suite, results: Path, args: argparse.Namespace) -> int:
     return 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, `kill`, a shutdown) stops a sweep like Ctrl-C does."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated(f"stopped by {signal.Signals(signum).name}")
+
+
+def _resume_command(args: argparse.Namespace) -> str:
+    """The command that resumes the sweep: the same `bench run`, without --force (which would redo it all)."""
+    argv = [a for a in (getattr(args, "argv", None) or []) if a != "--force"]
+    return shlex.join(["bench", *argv]) if argv else "the same `bench run` command"
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from bench.runner import Runner, describe_run
+    from bench.runner import ResultWriteError, Runner, SweepInterrupted, describe_run
     from bench.suite import load_suite
 
     suite = load_suite(args.suite, backends=args.backends, seeds=args.seeds)
@@ -160,32 +177,74 @@ def cmd_run(args: argparse.Namespace) -> int:
     from bench.progress import SweepProgress
 
     started = time.perf_counter()
-    with SweepProgress(len(suite.runs)) as progress:
-        runner = Runner(
-            results,
-            env=args.env,
-            timeout=args.timeout,
-            memory_limit_gb=args.memory_limit,
-            log=progress.log,
-            on_progress=progress.on_event,
-        )
-        progress.describe = describe_run
-        try:
-            outcomes = runner.run_suite(
-                suite, force=args.force, retry_failed=args.retry_failed, on_start=progress.start
+    previous = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
+    try:
+        with SweepProgress(len(suite.runs)) as progress:
+            runner = Runner(
+                results,
+                env=args.env,
+                timeout=args.timeout,
+                memory_limit_gb=args.memory_limit,
+                log=progress.log,
+                on_progress=progress.on_event,
             )
-        except KeyboardInterrupt:
-            progress.log(f"interrupted: finished runs are kept in {results}; run the same command again to resume")
-            return 130
-    counts: dict[str, int] = {}
-    for o in outcomes:
-        counts[o.status] = counts.get(o.status, 0) + 1
-    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+            progress.describe = describe_run
+            try:
+                outcomes = runner.run_suite(
+                    suite, force=args.force, retry_failed=args.retry_failed, on_start=progress.start
+                )
+            except SweepInterrupted as e:
+                progress.log(_interrupted_message(e, len(suite.runs), results, args))
+                return 128 + (signal.SIGTERM if isinstance(e.__cause__, Terminated) else signal.SIGINT)
+            except ResultWriteError as e:
+                full = getattr(e.__cause__, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
+                progress.log(
+                    f"error: {e}\nThe sweep stopped ({_summary(e.outcomes)} before it); results written before "
+                    f"are intact. {'Free some space' if full else 'Fix that'}, then resume with: "
+                    f"{_resume_command(args)}"
+                )
+                return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     minutes, seconds = divmod(time.perf_counter() - started, 60)
     if outcomes:
         where = results / outcomes[0].path.parent.name
-        print(f"{len(outcomes)} runs: {summary} in {minutes:.0f}m{seconds:02.0f}s. Results in {where}")
+        print(f"{len(outcomes)} runs: {_summary(outcomes)} in {minutes:.0f}m{seconds:02.0f}s. Results in {where}")
     return 0 if all(o.status == "ok" for o in outcomes) else 1
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _summary(outcomes: list) -> str:
+    """'2 ok, 1 timeout', and how many of them another `bench run` on the same folder executed."""
+    counts: dict[str, int] = {}
+    for o in outcomes:
+        counts[o.status] = counts.get(o.status, 0) + 1
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no runs"
+    elsewhere = sum(o.elsewhere for o in outcomes)
+    if elsewhere:
+        summary += f" ({elsewhere} of them run by another bench run on the same results folder)"
+    return summary
+
+
+def _interrupted_message(e, total: int, results: Path, args: argparse.Namespace) -> str:
+    """What a stopped sweep left: the finished runs, the partial result of the one it stopped, how to resume."""
+    reason = str(e) or "interrupted"
+    lines = [
+        f"{reason}: {len(e.outcomes)} of {total} runs had ended ({_summary(e.outcomes)}); they are kept in {results}."
+    ]
+    if e.current is not None:
+        lines.append(
+            f"The run it stopped, {e.current.run.run_id}, is recorded as interrupted with the epochs it had "
+            f"finished ({e.current.path}); resuming runs it again."
+        )
+    lines.append(f"To resume (finished runs are skipped): {_resume_command(args)}")
+    return "\n".join(lines)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -245,6 +304,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     current = load_results(args.current, suite=args.suite)
     baseline = load_results(resolve(args.baseline), suite=args.suite)
     result = compare.compare(current, baseline, thresholds)
+    for skipped in result.skipped_files:
+        print(f"warning: skipped {skipped}", file=sys.stderr)
     if args.format == "json":
         sys.stdout.write(compare.format_json(result))
     elif args.format == "md":
@@ -293,7 +354,11 @@ def cmd_data(args: argparse.Namespace) -> int:
             pct = f" {100 * done / total:.0f}%" if total else ""
             print(f"\r  {done / 2**20:.1f} MiB{pct}", end="", file=sys.stderr)
 
-        path = loaders.download(args.download, progress=progress)
+        try:
+            path = loaders.download(args.download, progress=progress)
+        except (ConnectionError, ValueError) as e:  # no network, or a name without a download
+            print(f"\nerror: {e}", file=sys.stderr)
+            return EXIT_USAGE
         print(f"\n{args.download} downloaded to {path}")
         return 0
     for row in loaders.describe():
@@ -624,6 +689,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if getattr(args, "probe", False) and not args.dry_run:
         parser.error("--probe only works with --dry-run")
     from bench.accounting import CalibrationError

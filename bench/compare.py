@@ -129,6 +129,8 @@ def config_key(spec_json: str) -> str:
     spec = json.loads(spec_json)
     for name in ("suite", "workload", "perf", "seed"):
         spec.pop(name, None)
+    if spec.get("federated", None) is None:
+        spec.pop("federated", None)  # schema 1 specs predate the field: a DP-SGD run matches with or without it
     dp = spec.get("dp", {})
     if dp.get("enabled") and dp.get("target_epsilon") is not None:
         dp.pop("noise_multiplier", None)  # calibrated from the target: a change in it is a finding, not a new run
@@ -145,16 +147,30 @@ def section_key(spec_json: str) -> str:
     return json.dumps({**keep, "train": train}, sort_keys=True)
 
 
-def _keyed(results: ResultSet) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _keys(spec: object) -> tuple[str, str] | None:
+    """(config key, section key) of a run's spec column; None when there is no readable spec to match on."""
+    if not isinstance(spec, str):
+        return None
+    try:
+        return config_key(spec), section_key(spec)
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
+def _keyed(results: ResultSet) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """Rows, the run table with match keys, and a note for every run that cannot be matched (left out)."""
     rows = results.frame
     run_table = tables.runs(rows)
     if run_table.empty:
-        return rows, run_table
-    if run_table["spec"].isna().any():
-        bad = run_table[run_table["spec"].isna()]["run_id"].tolist()
-        raise ResultsError(f"{results.source}: runs without a spec column cannot be matched: {bad[:5]}")
-    run_table = run_table.assign(config=run_table["spec"].map(config_key), section=run_table["spec"].map(section_key))
-    return rows, run_table
+        return rows, run_table, []
+    keys = run_table["spec"].map(_keys)
+    unmatched = [
+        f"{results.source}: run {run_id}: no readable spec column, so it cannot be matched"
+        for run_id in run_table[keys.isna()]["run_id"]
+    ]
+    run_table, keys = run_table[keys.notna()], keys[keys.notna()]
+    run_table = run_table.assign(config=[k[0] for k in keys], section=[k[1] for k in keys])
+    return rows, run_table, unmatched
 
 
 # --- judging ----------------------------------------------------------------------------------------------------
@@ -309,8 +325,8 @@ def _hardware(run_table: pd.DataFrame) -> list[str]:
 def compare(current: ResultSet, baseline: ResultSet, thresholds: Thresholds | None = None) -> Comparison:
     """Every check of the current results against the baseline."""
     t = thresholds or Thresholds()
-    c_rows, c_runs = _keyed(current)
-    b_rows, b_runs = _keyed(baseline)
+    c_rows, c_runs, c_unmatched = _keyed(current)
+    b_rows, b_runs, b_unmatched = _keyed(baseline)
     if b_runs.empty or c_runs.empty:
         raise ResultsError("nothing to compare: one side has no runs")
     common = set(c_runs["config"]) & set(b_runs["config"])
@@ -351,7 +367,7 @@ def compare(current: ResultSet, baseline: ResultSet, thresholds: Thresholds | No
         }
         checks += _speed_checks((b_rows, b), (c_rows, c), ident, t, same_hardware)
     checks += benchmark_checks(current.source, baseline.source)
-    skipped = [f"{s.path}: {s.reason}" for r in (current, baseline) for s in r.skipped]
+    skipped = [f"{s.path}: {s.reason}" for r in (current, baseline) for s in r.skipped] + c_unmatched + b_unmatched
     return Comparison(checks=checks, baseline_hardware=hardware_b, current_hardware=hardware_c, skipped_files=skipped)
 
 

@@ -7,12 +7,14 @@ starts `<env python> -m bench.worker` in the backend's environment.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from bench.backend import get_backend_info
@@ -52,9 +54,35 @@ def is_ready(backend: str) -> bool:
 
 
 def ensure_env(backend: str, log: Callable[[str], None] = print) -> Path:
-    """The backend's python, creating or updating its environment when its requirements changed."""
+    """The backend's python, creating or updating its environment when its requirements changed.
+
+    Creation holds a lock on `<envs>/.<backend>.lock`, so two `bench` processes never build one environment at
+    once (the second waits, then finds it ready); a creation that fails or is killed leaves no ready marker, so
+    the next use starts it again from scratch."""
     if is_ready(backend):
         return env_python(backend)
+    with _creation_lock(backend, log):
+        if is_ready(backend):  # built by another process while this one waited
+            return env_python(backend)
+        return _create(backend, log)
+
+
+@contextlib.contextmanager
+def _creation_lock(backend: str, log: Callable[[str], None]) -> Iterator[None]:
+    envs_dir().mkdir(parents=True, exist_ok=True)
+    fd = os.open(envs_dir() / f".{backend}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for another process to finish creating the {backend} environment")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _create(backend: str, log: Callable[[str], None]) -> Path:
     target = env_dir(backend)
     log(f"creating the {backend} environment in {target} (first use; this takes a few minutes)")
     if target.exists():

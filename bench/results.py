@@ -1,9 +1,11 @@
-"""Versioned Arrow schema and atomic Parquet writes: one file per run, one row per epoch."""
+"""Versioned Arrow schema and atomic Parquet writes: one file per run, one row per epoch; the per-run lock."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +96,10 @@ def result_path(results_dir: Path, suite: str, run_id: str) -> Path:
 
 
 def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write rows atomically: a temp file in the same folder, then rename over the target."""
+    """Write rows atomically: a temp file in the same folder, synced, then renamed over the target.
+
+    Whatever fails on the way (a full disk, an interrupt), the target keeps its previous content or stays
+    absent, and the temp file (a dot-file that no reader lists) is removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pylist([{**r, "schema_version": SCHEMA_VERSION} for r in rows], schema=SCHEMA)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -105,21 +110,117 @@ def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)  # the rename itself survives a crash of the machine
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temp_files(path: Path) -> list[Path]:
+    """Temp files of `path` that a killed writer left behind; call only while holding the run's lock."""
+    stale = sorted(path.parent.glob(f".{path.name}.*.tmp"))
+    for f in stale:
+        f.unlink(missing_ok=True)
+    return stale
+
+
+def lock_path(results_dir: Path, suite: str, run_id: str) -> Path:
+    return Path(results_dir) / suite_folder(suite) / "_locks" / f"{run_id}.lock"  # "_": dataset reads skip it
+
+
+class RunLock:
+    """An exclusive lock on one run_id in a results folder, so that two `bench run` never execute it at once.
+
+    `flock` on `<results>/<suite>/_locks/<run_id>.lock`: the kernel releases it when the holder closes it or
+    dies, however it dies, so a lock file left behind never blocks anyone. The holder writes its pid and host
+    into the file for the message of whoever finds it taken. Lock files are not removed (removing one while
+    another process opens it would let two processes hold "the" lock)."""
+
+    _WIDTH = 200
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._fd: int | None = None
+
+    def _open(self) -> int:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+
+    def acquire(self, *, wait: bool = False) -> bool:
+        """Take the lock; without `wait`, False at once when another process holds it."""
+        if self._fd is not None:
+            return True
+        fd = self._open()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        except BaseException:  # an interrupt while waiting
+            os.close(fd)
+            raise
+        holder = f"{os.getpid()} {socket.gethostname()}"[: self._WIDTH - 1].ljust(self._WIDTH - 1) + "\n"
+        os.pwrite(fd, holder.encode(), 0)  # one fixed-size write: a reader sees the old holder or the new one
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the last descriptor releases the flock
+            self._fd = None
+
+    def holder(self) -> str:
+        """'pid N' (on another host: 'pid N on HOST') of the process that holds or last held the lock."""
+        try:
+            pid, _, host = self.path.read_text().strip().partition(" ")
+        except OSError:
+            return "pid unknown"
+        if not pid:
+            return "pid unknown"
+        return f"pid {pid}" if host in ("", socket.gethostname()) else f"pid {pid} on {host}"
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def read_table(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """One result file, read through a single open descriptor. `pq.read_table(path)` opens the path more than
+    once (footer, then data): if a writer renames a new version over it in between, it mixes the two and fails
+    ("Page was smaller than expected"). One descriptor keeps reading the version it opened."""
+    with pa.OSFile(str(path)) as f:
+        return pq.read_table(f, columns=columns)
 
 
 def read_status(path: Path) -> str | None:
     """The status recorded in a result file, or None when it is missing or unreadable."""
     try:
-        col = pq.read_table(path, columns=["status"]).column("status")
+        col = read_table(path, columns=["status"]).column("status")
     except (OSError, pa.ArrowException):
         return None
     return col[0].as_py() if len(col) else None
 
 
 def read_results(results_dir: Path) -> pa.Table:
-    """Every result file under a folder as one table (pandas: `.to_pandas()`)."""
-    files = sorted(Path(results_dir).rglob("*.parquet"))
-    tables = [pq.read_table(f) for f in files]
+    """Every result file under a folder as one table (pandas: `.to_pandas()`); like `bench.resultset`, it skips
+    `_`-prefixed folders (logs, locks) and dot-files (a writer's temp files)."""
+    root = Path(results_dir)
+    files = sorted(
+        f for f in root.rglob("*.parquet") if not any(p.startswith((".", "_")) for p in f.relative_to(root).parts)
+    )
+    tables = [read_table(f) for f in files]
     if not tables:
         return SCHEMA.empty_table()
     return pa.concat_tables(tables, promote_options="default")

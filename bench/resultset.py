@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from bench.results import SCHEMA, SCHEMA_VERSION
+from bench.results import SCHEMA, SCHEMA_VERSION, read_table
 
 
 class ResultsError(Exception):
@@ -41,30 +40,48 @@ def _result_files(path: Path) -> list[Path]:
     )
 
 
+# What every result file has had since the first schema; without them a file is not a bench result.
+REQUIRED = ("run_id", "suite", "workload", "backend", "status")
+
+
+def _column(table: pa.Table, field: pa.Field) -> pa.ChunkedArray:
+    """A column in its schema type: a file whose column holds something else (text for a number) is not read."""
+    column = table.column(field.name)
+    if column.type.equals(field.type):
+        return column
+    try:
+        return column.cast(field.type)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        if pa.types.is_timestamp(field.type) and pa.types.is_timestamp(column.type):
+            return column.cast(field.type, safe=False)  # a finer clock: drop the sub-millisecond part
+        raise ValueError(f"column {field.name!r} holds {column.type}, expected {field.type}") from None
+
+
 def _read_one(path: Path) -> pd.DataFrame:
-    table = pq.read_table(path)
-    frame = table.to_pandas()
+    """One result file in the current schema's column types; ValueError says why a file is not a readable result."""
+    table = read_table(path)  # one descriptor: whole even while a sweep renames a new version over it
+    if table.num_rows == 0:
+        raise ValueError("no rows (a result file has one row per epoch, or one for a run that ended before any)")
+    names = set(table.column_names)
+    if len(names) != len(table.column_names):
+        raise ValueError("duplicate column names")
+    if "schema_version" in names:
+        versions = _column(table, SCHEMA.field("schema_version")).drop_null().to_pylist()
+        if versions and max(versions) > SCHEMA_VERSION:
+            raise ValueError(
+                f"schema_version {max(versions)} is newer than this bench reads ({SCHEMA_VERSION}): upgrade bench"
+            )
+    missing = [c for c in REQUIRED if c not in names]
+    if missing:
+        raise ValueError(f"not a bench result file: no {', '.join(missing)} column")
+    columns = {f.name: _column(table, f) for f in SCHEMA if f.name in names}
+    for name in ("run_id", "status"):
+        if columns[name].null_count:
+            raise ValueError(f"not a bench result file: rows without a {name}")
+    frame = pa.table(columns).to_pandas()
     if "schema_version" not in frame:
         frame["schema_version"] = 0
-    versions = set(frame["schema_version"].dropna().astype(int))
-    if versions and max(versions) > SCHEMA_VERSION:
-        raise ValueError(
-            f"schema_version {max(versions)} is newer than this bench reads ({SCHEMA_VERSION}): upgrade bench"
-        )
-    if "run_id" not in frame or "status" not in frame:
-        raise ValueError("not a bench result file: no run_id or status column")
     return frame
-
-
-def _empty_dtype(kind: pa.DataType) -> str:
-    """A pandas dtype that holds an all-missing column of this Arrow type (numpy ints and bools cannot)."""
-    if pa.types.is_integer(kind):
-        return "Int64"
-    if pa.types.is_floating(kind):
-        return "float64"
-    if pa.types.is_boolean(kind):
-        return "boolean"
-    return "object"
 
 
 def load_results(path: Path | str, *, suite: str | None = None) -> ResultSet:
@@ -90,7 +107,7 @@ def load_results(path: Path | str, *, suite: str | None = None) -> ResultSet:
     frame = pd.concat(frames, ignore_index=True)
     for field in SCHEMA:
         if field.name not in frame:
-            frame[field.name] = pd.Series([None] * len(frame), dtype=_empty_dtype(field.type), index=frame.index)
+            frame[field.name] = pa.nulls(len(frame), field.type).to_pandas()  # an int column of nulls: NaN floats
     frame["workload_kind"] = frame["workload_kind"].fillna("centralized")  # schema 1 had DP-SGD runs only
     if suite is not None:
         suites = sorted(frame["suite"].dropna().unique())

@@ -1,7 +1,14 @@
-"""Run a sweep: one worker subprocess per run, progress, timeouts, memory limit, resume, probes, Parquet results."""
+"""Run a sweep: one worker subprocess per run, progress, timeouts, memory limit, resume, probes, Parquet results.
+
+Reliability (see README, "Reliability"): a run holds an exclusive lock on its run_id while it executes, so two
+`bench run` on one results folder never execute a run at once; a worker dies with the runner (PR_SET_PDEATHSIG),
+so a killed sweep leaves no orphan training behind; a result is written atomically, and a write that fails (a
+full disk) stops the sweep with a clear error instead of leaving a corrupt file or losing the next runs too.
+"""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -20,7 +27,7 @@ from bench import accounting
 from bench.data.prepare import prepared_path
 from bench.envs import PROJECT_ROOT, EnvError, ensure_env
 from bench.memory import GIB, MemoryWatchdog, default_memory_limit_gb
-from bench.results import read_status, result_path, write_rows
+from bench.results import RunLock, lock_path, read_status, remove_stale_temp_files, result_path, write_rows
 from bench.spec import RunSpec
 from bench.suite import Suite
 from bench.worker import THREAD_VARS
@@ -39,6 +46,27 @@ class Outcome:
     error: str
     path: Path
     skipped: bool = False
+    elsewhere: bool = False  # executed by another `bench run` on the same results folder while this one waited
+
+
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM, see `bench run`) stopped a sweep: the outcomes so far and the run it stopped, whose
+    partial result was written with status "interrupted" (None when it stopped between runs)."""
+
+    def __init__(self, outcomes: list[Outcome], current: Outcome | None, reason: str):
+        super().__init__(reason)
+        self.outcomes = outcomes
+        self.current = current
+
+
+class ResultWriteError(RuntimeError):
+    """A result file could not be written (a full disk, a read-only folder): the sweep stops, since every later
+    run would end the same way after its hours of training. Files written before are intact; `outcomes` are the
+    runs recorded before it."""
+
+    def __init__(self, message: str, outcomes: list[Outcome] | None = None):
+        super().__init__(message)
+        self.outcomes = outcomes or []
 
 
 @dataclass
@@ -285,6 +313,37 @@ def probe_key(run: RunSpec) -> tuple:
     )
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn that makes the kernel SIGKILL the worker when the runner dies, however it dies (Linux): a
+    killed `bench run` leaves no orphan worker training on, which would also skew the timings of the runs after
+    a restart. Between fork and exec it makes one pre-resolved C call and takes no lock another thread could hold.
+    The worker's own children are not covered; the timeout and the watchdog kill its whole process group."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGKILL))
+        if os.getppid() != parent:  # the runner died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    """Identity of a result file's current content: a rename over it (a new result) changes the inode."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
 def _memory_error(used: float, limit: float) -> str:
     return (
         f"worker used {used / GIB:.1f} GiB, over the memory limit of {limit / GIB:.1f} GiB "
@@ -311,11 +370,22 @@ class Runner:
         self.memory_limit_gb = memory_limit_gb
         self.log = log
         self.on_progress = on_progress
+        self._env_errors: dict[str, str] = {}  # backends whose environment failed in this sweep: not tried again
+        self._interrupted: Outcome | None = None
 
     def python_for(self, backend: str) -> str:
+        """The backend's python, its environment created on first use. An environment that cannot be created
+        fails every run of that backend with an error naming it (tried once per Runner, not once per run)."""
         if self.env == "current":
             return sys.executable
-        return str(ensure_env(backend, self.log))
+        if backend in self._env_errors:
+            raise EnvError(self._env_errors[backend])
+        try:
+            return str(ensure_env(backend, self.log))
+        except (EnvError, OSError) as e:
+            message = str(e) if isinstance(e, EnvError) else f"the {backend} environment could not be created: {e}"
+            self._env_errors[backend] = f"{message}\n(not tried again for this backend's other runs of this sweep)"
+            raise EnvError(message) from e
 
     def should_skip(self, run: RunSpec, force: bool, retry_failed: bool) -> str | None:
         path = result_path(self.results_dir, run.suite, run.run_id)
@@ -369,7 +439,8 @@ class Runner:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                start_new_session=True,
+                start_new_session=True,  # a Ctrl-C reaches the runner only; the runner stops the worker
+                preexec_fn=_die_with_parent(),
             )
             launched = time.monotonic()
             watchdog = MemoryWatchdog(proc.pid, memory_limit)
@@ -389,7 +460,15 @@ class Runner:
                 drain()
         return WorkerExit(proc.returncode, timed_out, over_memory, log_path)
 
+    def _write(self, run: RunSpec, path: Path, rows: list[dict]) -> None:
+        try:
+            write_rows(path, rows)
+        except OSError as e:
+            raise ResultWriteError(f"could not write the result of run {run.run_id} to {path}: {e}") from e
+
     def execute(self, run: RunSpec, timeout: float, memory_limit_gb: float | None = None) -> Outcome:
+        """Run one RunSpec in a worker and write its result, whatever its ending. A KeyboardInterrupt writes
+        the epochs so far with status "interrupted" and propagates; a failed write raises ResultWriteError."""
         path = result_path(self.results_dir, run.suite, run.run_id)
         logs = self._logs_dir(run)
         started = time.time()
@@ -398,7 +477,7 @@ class Runner:
             data = prepared_path(run.dataset)
         except (EnvError, OSError, ValueError) as e:
             status, error = "failed", f"{type(e).__name__}: {e}"
-            write_rows(path, build_rows(run, [], status, error, started))
+            self._write(run, path, build_rows(run, [], status, error, started))
             return Outcome(run, status, error, path)
         events: list[dict] = []
         job = {"run": run.to_dict(), "data": str(data)}
@@ -406,13 +485,15 @@ class Runner:
         on_event = (lambda e: self.on_progress(run, e)) if self.on_progress else None
         try:
             ended = self._run_worker(python, run, job, logs / run.run_id, timeout, limit, events, on_event)
-        except KeyboardInterrupt:
-            write_rows(path, build_rows(run, events, "interrupted", "interrupted by the user", started))
+        except KeyboardInterrupt as e:
+            error = str(e) or "interrupted by the user"
+            self._write(run, path, build_rows(run, events, "interrupted", error, started))
+            self._interrupted = Outcome(run, "interrupted", error, path)
             raise
         status, error = _finish_status(run, events, ended.returncode, ended.timed_out, ended.over_memory)
         if status == "failed" and not any(e["event"] == "end" for e in events):
             error += "\n" + _tail(ended.log)
-        write_rows(path, build_rows(run, events, status, error, started))
+        self._write(run, path, build_rows(run, events, status, error, started))
         return Outcome(run, status, error, path)
 
     def probe(self, run: RunSpec, steps: int, timeout: float, memory_limit_gb: float | None = None) -> ProbeResult:
@@ -438,23 +519,78 @@ class Runner:
         retry_failed: bool = False,
         on_start: Callable[[int, RunSpec], None] | None = None,
     ) -> list[Outcome]:
-        outcomes = []
+        """Every run of the suite, in order, each under its run_id's lock. A run that another `bench run` on the
+        same results folder is executing is skipped at first and waited for after the others: then its result
+        counts (`elsewhere`), or, if that process died without one, it runs here.
+
+        Raises SweepInterrupted on Ctrl-C and ResultWriteError when a result cannot be written; both carry the
+        outcomes so far."""
+        done: dict[int, Outcome] = {}
+        deferred: list[tuple[int, RunSpec, tuple | None]] = []
         total = len(suite.runs)
-        for i, run in enumerate(suite.runs, 1):
-            if on_start:
-                on_start(i - 1, run)
-            label = describe_run(run)
-            done = self.should_skip(run, force, retry_failed)
-            if done is not None:
-                self.log(f"[{i}/{total}] skip {label}: already {done} (use --force to re-run)")
-                outcomes.append(Outcome(run, done, "", result_path(self.results_dir, run.suite, run.run_id), True))
-                continue
-            self.log(f"[{i}/{total}] run {label}")
-            outcome = self.execute(run, self.timeout or suite.timeout, self.memory_limit_gb or suite.memory_limit_gb)
-            msg = f"[{i}/{total}] {outcome.status} {label}"
-            self.log(msg + (f": {outcome.error.splitlines()[0]}" if outcome.error else ""))
-            outcomes.append(outcome)
-        return outcomes
+        limits = (self.timeout or suite.timeout, self.memory_limit_gb or suite.memory_limit_gb)
+        self._interrupted = None
+        try:
+            for i, run in enumerate(suite.runs, 1):
+                if on_start:
+                    on_start(i - 1, run)
+                path = result_path(self.results_dir, run.suite, run.run_id)
+                stamp = _stamp(path)
+                status = self.should_skip(run, force, retry_failed)
+                if status is not None:
+                    self.log(f"[{i}/{total}] skip {describe_run(run)}: already {status} (use --force to re-run)")
+                    done[i] = Outcome(run, status, "", path, True)
+                    continue
+                lock = RunLock(lock_path(self.results_dir, run.suite, run.run_id))
+                if not lock.acquire():
+                    self.log(
+                        f"[{i}/{total}] skip {describe_run(run)}: running in another bench run ({lock.holder()}); "
+                        "skipped, its result is checked at the end of this sweep"
+                    )
+                    deferred.append((i, run, stamp))
+                    continue
+                with lock:
+                    done[i] = self._run_locked(i, total, run, stamp, limits)
+            for i, run, stamp in deferred:
+                if on_start:
+                    on_start(i - 1, run)
+                lock = RunLock(lock_path(self.results_dir, run.suite, run.run_id))
+                if not lock.acquire():
+                    self.log(
+                        f"[{i}/{total}] waiting for {describe_run(run)}: running in another bench run ({lock.holder()})"
+                    )
+                    lock.acquire(wait=True)
+                with lock:
+                    done[i] = self._run_locked(i, total, run, stamp, limits)
+        except KeyboardInterrupt as e:
+            raise SweepInterrupted([done[k] for k in sorted(done)], self._interrupted, str(e)) from e
+        except ResultWriteError as e:
+            e.outcomes = [done[k] for k in sorted(done)]
+            raise
+        return [done[k] for k in sorted(done)]
+
+    def _run_locked(
+        self,
+        i: int,
+        total: int,
+        run: RunSpec,
+        stamp: tuple | None,
+        limits: tuple[float, float | None],
+    ) -> Outcome:
+        """Execute a run whose lock this process holds, unless another `bench run` finished it since `stamp`."""
+        path = result_path(self.results_dir, run.suite, run.run_id)
+        label = describe_run(run)
+        if _stamp(path) != stamp:  # written by another bench run since this one looked: resume semantics
+            status = read_status(path)
+            if status in FINAL:  # not "interrupted" (nor unreadable): that one runs here
+                self.log(f"[{i}/{total}] {status} {label} (run by another bench run)")
+                return Outcome(run, status, "", path, skipped=True, elsewhere=True)
+        remove_stale_temp_files(path)  # left by a writer killed mid-write; nobody else writes it while we hold the lock
+        self.log(f"[{i}/{total}] run {label}")
+        outcome = self.execute(run, *limits)
+        msg = f"[{i}/{total}] {outcome.status} {label}"
+        self.log(msg + (f": {outcome.error.splitlines()[0]}" if outcome.error else ""))
+        return outcome
 
 
 def _tail(path: Path, lines: int = 15) -> str:

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import reprlib
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -22,6 +23,19 @@ SAMPLINGS: tuple[str, ...] = ("poisson", "shuffle")
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
 
 
+# Counts are written to int64 result columns (and seeds feed numpy's generators): larger ones are not valid.
+MAX_INT = 2**63 - 1
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple, _REPR.maxset = 3, 8, 8, 8, 8
+_REPR.maxstring, _REPR.maxlong, _REPR.maxother = 120, 60, 120
+
+
+def short_repr(value: Any) -> str:
+    """repr() cut to a readable length, whatever the value: huge strings and numbers, deep or aliased YAML trees."""
+    return _REPR.repr(value)
+
+
 class SpecError(ValueError):
     """An invalid specification value: `path` names the field, `expected` what was wanted."""
 
@@ -29,7 +43,7 @@ class SpecError(ValueError):
         self.path = path
         self.value = value
         self.expected = expected
-        super().__init__(f"{path}: got {value!r}, expected {expected}")
+        super().__init__(f"{path}: got {short_repr(value)}, expected {expected}")
 
 
 def _check(ok: bool, path: str, value: Any, expected: str) -> None:
@@ -37,13 +51,24 @@ def _check(ok: bool, path: str, value: Any, expected: str) -> None:
         raise SpecError(path, value, expected)
 
 
+def _int(value: Any) -> bool:
+    """An integer (not a bool) that fits the int64 result columns."""
+    return isinstance(value, int) and not isinstance(value, bool) and -MAX_INT <= value <= MAX_INT
+
+
 def _positive_int(path: str, value: Any) -> None:
-    ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
-    _check(ok, path, value, "a positive integer")
+    too_large = isinstance(value, int) and value > MAX_INT
+    _check(_int(value) and value > 0, path, value, "a positive integer" + (" below 2**63" if too_large else ""))
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite int or float, not a bool; integers too large for a float are not numbers here."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _as_floats(obj: Any, *names: str) -> None:
@@ -77,11 +102,11 @@ class DatasetSpec:
                 _positive_int(f"dataset.{key}", value)
         _check(isinstance(self.augment, bool), "dataset.augment", self.augment, "true or false")
         if self.shape is not None:
-            ok = len(self.shape) == 3 and all(isinstance(s, int) and s > 0 for s in self.shape)
+            ok = isinstance(self.shape, tuple) and len(self.shape) == 3 and all(_int(s) and s > 0 for s in self.shape)
             _check(ok, "dataset.shape", self.shape, "[height, width, channels] of positive integers")
         if self.num_classes is not None:
             _check(
-                isinstance(self.num_classes, int) and self.num_classes >= 2,
+                _int(self.num_classes) and self.num_classes >= 2,
                 "dataset.num_classes",
                 self.num_classes,
                 "an integer >= 2",
@@ -323,12 +348,14 @@ class RunSpec:
     federated: FederatedConfig | None = None  # a federated run: `train` is then each client's local training
 
     def __post_init__(self) -> None:
-        _check(
-            isinstance(self.seed, int) and not isinstance(self.seed, bool) and self.seed >= 0,
-            "seed",
-            self.seed,
-            "an integer >= 0",
-        )
+        _check(_int(self.seed) and self.seed >= 0, "seed", self.seed, "an integer >= 0 (below 2**63)")
+        if self.federated is not None:
+            _check(
+                self.dp.sampling == "poisson",
+                "dp.sampling",
+                self.dp.sampling,
+                "poisson for a federated run (its user-level epsilon is accounted for Poisson sampling of clients)",
+            )
         if self.dataset_size:
             _check(
                 self.train.batch_size <= self.dataset_size,

@@ -8,6 +8,7 @@ value and what was expected.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -20,6 +21,7 @@ from bench.accounting import CalibrationError, calibrate_noise
 from bench.backend import UnknownBackendError, parse_backend
 from bench.models import MODELS, build_spec
 from bench.spec import (
+    MAX_INT,
     AdaptiveClipping,
     DatasetSpec,
     DPConfig,
@@ -30,6 +32,7 @@ from bench.spec import (
     RunSpec,
     SpecError,
     TrainConfig,
+    short_repr,
 )
 
 SUITES_DIR = Path(__file__).resolve().parent.parent / "suites"
@@ -59,6 +62,8 @@ CLIPPING_KEYS = {f.name for f in dataclasses.fields(AdaptiveClipping)}
 ACCOUNTANTS = ("pld", "rdp")
 PERF_KEYS = {"physical_batch_size"}
 DEFAULT_TIMEOUT_S = 3600.0
+# A grid larger than this is a mistake (or a YAML alias bomb), not a sweep: refused before it is expanded.
+MAX_RUNS = 100_000
 
 
 class SuiteError(ValueError):
@@ -66,7 +71,7 @@ class SuiteError(ValueError):
 
     def __init__(self, file: str | Path, path: str, value: Any, expected: str):
         self.file, self.path, self.value, self.expected = str(file), path, value, expected
-        super().__init__(f"{file}: {path}: got {value!r}, expected {expected}")
+        super().__init__(f"{file}: {path}: got {short_repr(value)}, expected {expected}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,8 +110,9 @@ class _Reader:
             raise self.error(path or "(top level)", value, "a mapping")
         for key in value:
             if key not in allowed:
+                name = str(key) if isinstance(key, str) and len(key) <= 60 else short_repr(key)
                 raise self.error(
-                    f"{path}.{key}" if path else str(key), key, f"one of the keys {', '.join(sorted(allowed))}"
+                    f"{path}.{name}" if path else name, key, f"one of the keys {', '.join(sorted(allowed))}"
                 )
         for key in required:
             if key not in value:
@@ -128,23 +134,39 @@ class _Reader:
             raise self.error(path, kwargs, f"valid fields ({e})") from None
 
 
+def _accounting_failed(e: Exception, where: str) -> CalibrationError:
+    """The accountant itself gave up (dp-accounting raises what numpy and scipy raise: MemoryError for a PLD grid
+    of absurd size, OverflowError, ...): a suite error, not a traceback."""
+    return CalibrationError(f"the accountant failed {where} ({type(e).__name__}: {e})")
+
+
 @lru_cache(maxsize=256)
 def _calibrated(target: float, q: float, steps: int, delta: float, accountant: str = "pld") -> float:
-    return calibrate_noise(target_epsilon=target, sample_rate=q, steps=steps, delta=delta, accountant=accountant)
+    try:
+        return calibrate_noise(target_epsilon=target, sample_rate=q, steps=steps, delta=delta, accountant=accountant)
+    except CalibrationError:
+        raise
+    except Exception as e:
+        raise _accounting_failed(e, f"at sample rate {q:g} over {steps} steps") from None
 
 
 @lru_cache(maxsize=64)
 def _calibrated_clients(target: float, delta: float, rounds: int, clients: int, ratio: float, accountant: str):
     from bench.accounting import calibrate_clients
 
-    return calibrate_clients(
-        target_epsilon=target,
-        delta=delta,
-        rounds=rounds,
-        total_clients=clients,
-        noise_per_client=ratio,
-        accountant=accountant,
-    )
+    try:
+        return calibrate_clients(
+            target_epsilon=target,
+            delta=delta,
+            rounds=rounds,
+            total_clients=clients,
+            noise_per_client=ratio,
+            accountant=accountant,
+        )
+    except CalibrationError:
+        raise
+    except Exception as e:
+        raise _accounting_failed(e, f"for {clients} clients over {rounds} rounds") from None
 
 
 def _dataset_size(r: _Reader, ds: DatasetSpec, path: str) -> tuple[int, tuple[int, int, int], int]:
@@ -164,7 +186,13 @@ def _dataset_size(r: _Reader, ds: DatasetSpec, path: str) -> tuple[int, tuple[in
 
 
 def _positive_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    """A finite number > 0 (not a bool, not an integer too large for a float)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value) and value > 0
+    except OverflowError:
+        return False
 
 
 def _backends(r: _Reader, labels: Any, path: str) -> list[tuple[str, str]]:
@@ -182,9 +210,11 @@ def _backends(r: _Reader, labels: Any, path: str) -> list[tuple[str, str]]:
 
 
 def _seeds(r: _Reader, seeds: Any, path: str) -> list[int]:
-    for i, s in enumerate(r.seq(seeds, path)):
-        if not isinstance(s, int) or isinstance(s, bool) or s < 0:
-            raise r.error(f"{path}[{i}]", s, "an integer >= 0")
+    if len(r.seq(seeds, path)) > MAX_RUNS:
+        raise r.error(path, f"{len(seeds)} seeds", f"at most {MAX_RUNS}")
+    for i, s in enumerate(seeds):
+        if not isinstance(s, int) or isinstance(s, bool) or not 0 <= s <= MAX_INT:
+            raise r.error(f"{path}[{i}]", s, "an integer >= 0 (below 2**63)")
     return list(seeds)
 
 
@@ -306,6 +336,9 @@ def _workload_runs(
     perf_raw = r.mapping(w.get("perf", {}), f"{path}.perf", PERF_KEYS)
     perf = r.build(PerfFlags, f"{path}.perf", threads=threads, **perf_raw)
 
+    grid = len(r.seq(w["privacy"], f"{path}.privacy")) * len(backends) * len(seeds)
+    if grid > MAX_RUNS:
+        raise r.error(f"{path}.privacy", f"{grid} runs", f"at most {MAX_RUNS} runs (privacy x backends x seeds)")
     runs = []
     for i, setting in enumerate(r.seq(w["privacy"], f"{path}.privacy")):
         p = f"{path}.privacy[{i}]"
@@ -366,11 +399,15 @@ def load_suite(
     if not path.exists():
         raise SuiteError(path, "(file)", str(path), "an existing suite file (see `bench suites`)")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise SuiteError(path, "(yaml)", str(e).splitlines()[0], "valid YAML") from None
+        text = path.read_text()
     except (UnicodeDecodeError, OSError) as e:
         raise SuiteError(path, "(file)", str(e), "a readable UTF-8 text file") from None
+    try:
+        raw = yaml.safe_load(text)  # safe: plain data only, no tag constructs a Python object
+    except yaml.YAMLError as e:
+        raise SuiteError(path, "(yaml)", str(e).splitlines()[0], "valid YAML") from None
+    except Exception as e:  # PyYAML's constructors raise what they meet: month 13, `!!int ""`, deep nesting
+        raise SuiteError(path, "(yaml)", f"{type(e).__name__}: {e}", "valid YAML") from None
     raw = r.mapping(raw, "", SUITE_KEYS, ("workloads",))
     name = raw.get("name", path.stem)
     if not isinstance(name, str) or not name:
@@ -393,6 +430,8 @@ def load_suite(
             raise r.error(f"workloads[{i}].name", wruns[0].workload, "a name not used by another workload")
         names.add(wruns[0].workload)
         runs += wruns
+        if len(runs) > MAX_RUNS:
+            raise r.error("workloads", f"{len(runs)} runs", f"at most {MAX_RUNS} runs in a suite")
     return Suite(
         name=name,
         path=path,

@@ -143,6 +143,12 @@ def _swatch(label: str, colors: dict[str, str]) -> str:
     return f'<span class="swatch" style="background:{colors.get(label, "#999")}"></span>{_e(label)}'
 
 
+def _accuracy(run: pd.Series, value: object) -> str:
+    """A run's final test accuracy, only if it ended ok: a diverged, failed or stopped run has no final accuracy
+    (what it measured before it ended is in no table or chart)."""
+    return _num(value, ".4f") if run["status"] == "ok" else "—"
+
+
 def _reason(error: str) -> str:
     if not error:
         return ""
@@ -224,7 +230,7 @@ def _federated_table(section: Section, colors: dict[str, str]) -> str:
                 _td(_num(r["noise_multiplier"], ".4g"), True),
                 _td(_e(tables.epsilon_text(r["epsilon"])), True),
                 _td(_e(tables.epsilon_text(r["epsilon_rdp"])), True),
-                _td(_num(r["accuracy"], ".4f"), True),
+                _td(_accuracy(r, r["accuracy"]), True),
                 _td(_num(r["accuracy_round"], ".0f"), True),
                 _td(_num(r["clip_norm"], ".4g"), True),
                 _td(_num(r["seconds_per_round"]), True),
@@ -324,7 +330,7 @@ def _runs_table(report: Report, colors: dict[str, str]) -> str:
     rows = []
     for _, r in report.runs.iterrows():
         shuffled = bool(r["dp"]) and r["sampling"] == "shuffle" and not tables.is_federated(r)
-        mark = '<span title="ε assumes Poisson sampling">†</span>' if shuffled else ""
+        mark = f'<span title="ε assumes Poisson sampling">{tables.SHUFFLE_MARK}</span>' if shuffled else ""
         status = _e(r["status"])
         rows.append(
             [
@@ -335,10 +341,10 @@ def _runs_table(report: Report, colors: dict[str, str]) -> str:
                 _td(_e(r["seed"]), True),
                 _td(status, cls=f"status-{status}"),
                 _td(_progress(r), True),
-                _td(_num(r["test_accuracy"], ".4f"), True),
+                _td(_accuracy(r, r["test_accuracy"]), True),
                 _td(_e(tables.epsilon_text(r["epsilon"])) + mark, True),
                 _td(_e(tables.epsilon_text(r["epsilon_rdp"])) + mark, True),
-                _td(_num(r["epsilon_reported"], ".3f"), True),
+                _td(_num(r["epsilon_reported"], ".3f") + (mark if pd.notna(r["epsilon_reported"]) else ""), True),
                 _td(_num(r["seconds_per_epoch"]), True),
                 _td(_num(r["peak_memory_mb"], ".0f"), True),
                 _td(_reason(r["error"])),

@@ -93,15 +93,21 @@ def _section(section: Section) -> list[str]:
         return _federated_section(section)
     lines = [f"## {escape(section.title)}", "", escape(section.settings()), ""]
     if section.shuffled:
-        lines += ["> **Note:** shuffle-sampled DP runs: their ε assumes Poisson sampling and is not a guarantee.", ""]
+        lines += [
+            f"> **Note:** shuffle-sampled DP runs ({tables.SHUFFLE_MARK}): their ε assumes Poisson sampling and is "
+            "not a guarantee.",
+            "",
+        ]
     dp_levels = [p for p in section.privacy_order if p != tables.NON_PRIVATE]
     pa = section.privacy_accuracy
     eps = []
     for level in dp_levels:
         match = pa[pa["privacy"] == level]
         if not match.empty:
+            mark = tables.SHUFFLE_MARK if bool(match["poisson_assumed"].iloc[0]) else ""
             eps.append(
-                f"{escape(level)}: ε {match['epsilon'].iloc[0]:.3f} (PLD), {match['epsilon_rdp'].iloc[0]:.3f} (RDP)"
+                f"{escape(level)}: ε {match['epsilon'].iloc[0]:.3f}{mark} (PLD), "
+                f"{match['epsilon_rdp'].iloc[0]:.3f}{mark} (RDP)"
             )
     headers = ["backend:variant", "non-private acc", *(f"{escape(p)} acc" for p in dp_levels)]
     headers += ["DP s/epoch", "non-private s/epoch", "DP overhead", "DP vs fastest", "DP peak MB"]

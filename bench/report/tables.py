@@ -32,18 +32,25 @@ def is_federated(row: pd.Series) -> bool:
     return row.get("workload_kind") == FEDERATED
 
 
+# Marks every ε (and privacy level) of a DP run whose sampling is not the Poisson sampling the accountants assume.
+SHUFFLE_MARK = "†"
+
+
 def privacy_level(row: pd.Series) -> str:
     """How a run's privacy was asked for: 'non-private', 'ε=1' (target) or 'σ=0.8' (noise multiplier).
 
-    Federated runs also name their noise and clients per round, which tell calibrated runs apart.
+    Federated runs also name their noise and clients per round, which tell calibrated runs apart. A DP run with
+    shuffle sampling is marked 'σ=0.8 †': its ε assumes Poisson sampling, so wherever the level is shown, so is that.
     """
     if is_federated(row):
         return federated_privacy_level(row)
     if not row["dp"]:
         return NON_PRIVATE
     if pd.notna(row["target_epsilon"]):
-        return f"ε={_fmt_number(row['target_epsilon'])}"
-    return f"σ={_fmt_number(row['noise_multiplier'])}"
+        level = f"ε={_fmt_number(row['target_epsilon'])}"
+    else:
+        level = f"σ={_fmt_number(row['noise_multiplier'])}"
+    return f"{level} {SHUFFLE_MARK}" if row.get("sampling") == "shuffle" else level
 
 
 def federated_privacy_level(row: pd.Series) -> str:
