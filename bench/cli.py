@@ -123,6 +123,11 @@ def _print_over_timeout(suite: Suite, probes: dict[str, ProbeResult], timeout: f
         )
 
 
+def _epsilon_text(run: RunSpec, eps: float | None) -> str:
+    mark = "†" if run.dp.enabled and run.dp.sampling == "shuffle" else ""
+    return _fmt(eps) + mark
+
+
 def _dry_run(suite: Suite, results: Path, args: argparse.Namespace) -> int:
     from bench.results import read_status, result_path
     from bench.runner import projected_epsilon
@@ -143,8 +148,11 @@ def _dry_run(suite: Suite, results: Path, args: argparse.Namespace) -> int:
         print(
             f"{run.run_id:<16} {run.workload[:20]:<20} {run.backend_label[:25]:<25} {run.seed:>4} "
             f"{'yes' if run.dp.enabled else 'no':>3} {_fmt(run.dp.noise_multiplier, '.4g'):>8} "
-            f"{run.sample_rate:>8.4g} {run.total_steps:>7} {_fmt(projected_epsilon(run)):>8}  {projected}{status}"
+            f"{run.sample_rate:>8.4g} {run.total_steps:>7} {_epsilon_text(run, projected_epsilon(run)):>8}  "
+            f"{projected}{status}"
         )
+    if any(r.dp.enabled and r.dp.sampling == "shuffle" for r in suite.runs):
+        print("†: shuffle sampling; the accountant assumes Poisson, so this epsilon is not a valid guarantee")
     if probes is not None:
         _print_over_timeout(suite, probes, args.timeout or suite.timeout)
     return 0

@@ -162,11 +162,10 @@ def build_rows(run: RunSpec, events: list[dict[str, Any]], status: str, error: s
             sample_rate=run.sample_rate, noise_multiplier=sigma, steps=range(1, len(epochs) + 1), delta=run.dp.delta
         )
     elif sigma is not None and epochs:
-        eps = accounting.epsilon_per_epoch(
+        eps = accounting.epsilon_curve(  # one composition carried along: seconds, not a fresh PLD per epoch
             sample_rate=run.sample_rate,
             noise_multiplier=sigma,
-            steps_per_epoch=run.steps_per_epoch,
-            epochs=len(epochs),
+            steps=[e * run.steps_per_epoch for e in range(1, len(epochs) + 1)],
             delta=run.dp.delta,
         )
     base = {
@@ -621,9 +620,17 @@ def describe_run(run: RunSpec) -> str:
 
 
 def projected_epsilon(run: RunSpec) -> float | None:
+    """The run's final epsilon (PLD) before it runs; None without DP or where dp-accounting cannot compute it
+    (e.g. it runs out of memory for an absurd number of steps)."""
     if not run.dp.enabled or run.dp.noise_multiplier is None:
         return None
-    eps = accounting.epsilon(
-        sample_rate=run.sample_rate, noise_multiplier=run.dp.noise_multiplier, steps=run.total_steps, delta=run.dp.delta
-    )
+    try:
+        eps = accounting.epsilon(
+            sample_rate=run.sample_rate,
+            noise_multiplier=run.dp.noise_multiplier,
+            steps=run.total_steps,
+            delta=run.dp.delta,
+        )
+    except (MemoryError, OverflowError, ValueError):
+        return None
     return eps.pld if math.isfinite(eps.pld) else math.inf
