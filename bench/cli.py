@@ -69,6 +69,16 @@ def _positive(kind: type, flag: str) -> Callable[[str], float]:
     return parse
 
 
+def _retries(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if not 0 <= number <= 100:
+        raise argparse.ArgumentTypeError(f"--ray-retries: got {value!r}, expected an integer from 0 to 100")
+    return number
+
+
 def format_duration(seconds: float) -> str:
     """3.2s, 42s, 3m20s, 2h05m."""
     if seconds < 10:
@@ -162,7 +172,11 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler, `kill`, a shutdown) stops a sweep like Ctrl-C does."""
 
 
+_terminated: list[int] = []  # SIGTERM seen: Ray's blocking calls turn any interrupt into a plain KeyboardInterrupt
+
+
 def _terminate(signum: int, frame: object) -> None:
+    _terminated.append(signum)
     raise Terminated(f"stopped by {signal.Signals(signum).name}")
 
 
@@ -185,17 +199,33 @@ def cmd_run(args: argparse.Namespace) -> int:
     from bench.progress import SweepProgress
 
     started = time.perf_counter()
+    _terminated.clear()
     previous = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
     try:
         with SweepProgress(len(suite.runs)) as progress:
-            runner = Runner(
-                results,
-                env=args.env,
-                timeout=args.timeout,
-                memory_limit_gb=args.memory_limit,
-                log=progress.log,
-                on_progress=progress.on_event,
-            )
+            common = {
+                "env": args.env,
+                "timeout": args.timeout,
+                "memory_limit_gb": args.memory_limit,
+                "log": progress.log,
+                "on_progress": progress.on_event,
+            }
+            if args.executor == "ray":
+                from bench.ray_executor import DEFAULT_RETRIES, RayRunner, RayUnavailable
+
+                retries = DEFAULT_RETRIES if args.ray_retries is None else args.ray_retries
+                runner = RayRunner(results, address=args.address, retries=retries, on_tally=progress.tally, **common)
+                progress.concurrent = True
+                try:
+                    progress.log(f"connecting to Ray ({args.address or 'default address'}) ...")
+                    runner.connect()
+                except RayUnavailable as e:
+                    progress.log(f"error: {e}")
+                    return 2
+                if previous is not None:  # ray.init installs its own SIGTERM handler, which exits at once
+                    signal.signal(signal.SIGTERM, _terminate)
+            else:
+                runner = Runner(results, **common)
             progress.describe = describe_run
             try:
                 outcomes = runner.run_suite(
@@ -203,7 +233,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 )
             except SweepInterrupted as e:
                 progress.log(_interrupted_message(e, len(suite.runs), results, args))
-                return 128 + (signal.SIGTERM if isinstance(e.__cause__, Terminated) else signal.SIGINT)
+                terminated = isinstance(e.__cause__, Terminated) or bool(_terminated)
+                return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
             except ResultWriteError as e:
                 full = getattr(e.__cause__, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
                 progress.log(
@@ -242,11 +273,16 @@ def _summary(outcomes: list) -> str:
 
 def _interrupted_message(e, total: int, results: Path, args: argparse.Namespace) -> str:
     """What a stopped sweep left: the finished runs, the partial result of the one it stopped, how to resume."""
-    reason = str(e) or "interrupted"
+    reason = str(e) or ("stopped by SIGTERM" if _terminated else "interrupted")
     lines = [
         f"{reason}: {len(e.outcomes)} of {total} runs had ended ({_summary(e.outcomes)}); they are kept in {results}."
     ]
-    if e.current is not None:
+    if len(e.stopped) > 1:
+        lines.append(
+            f"The {len(e.stopped)} runs it stopped ({', '.join(o.run.run_id for o in e.stopped)}) are recorded as "
+            "interrupted with the epochs they had finished; resuming runs them again."
+        )
+    elif e.current is not None:
         lines.append(
             f"The run it stopped, {e.current.run.run_id}, is recorded as interrupted with the epochs it had "
             f"finished ({e.current.path}); resuming runs it again."
@@ -595,6 +631,25 @@ def build_parser() -> argparse.ArgumentParser:
         "(overrides the suite's memory_limit_gb; default: 90%% of the machine's memory)",
     )
     r.add_argument("--results", help="results folder (default: $BENCH_RESULTS_DIR or ./results)")
+    r.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="local (default): one run after another on this machine; ray: every run as a Ray task on a "
+        "cluster (pip install -e '.[ray]')",
+    )
+    r.add_argument(
+        "--address",
+        metavar="auto|HOST:PORT",
+        help="with --executor ray: the cluster to join (auto: the one `ray start` runs on this machine; "
+        "default: $RAY_ADDRESS, else that one, else a private local Ray instance)",
+    )
+    r.add_argument(
+        "--ray-retries",
+        type=_retries,
+        metavar="N",
+        help="with --executor ray: times a run whose node dies is retried before it is recorded as failed (default 2)",
+    )
     r.set_defaults(func=cmd_run)
 
     rep = sub.add_parser("report", help="one self-contained HTML report (or a Markdown summary) of a results folder")
@@ -700,6 +755,8 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if getattr(args, "probe", False) and not args.dry_run:
         parser.error("--probe only works with --dry-run")
+    if getattr(args, "executor", "ray") != "ray" and (args.address or args.ray_retries is not None):
+        parser.error("--address and --ray-retries need --executor ray")
     from bench.accounting import CalibrationError
     from bench.backend import UnknownBackendError
     from bench.data.loaders import DataFormatError, DataNotFoundError

@@ -25,6 +25,7 @@ class SweepProgress:
         self._sweep = self._progress.add_task("sweep", total=total_runs)
         self._run = self._progress.add_task("run", total=1, visible=False)
         self.describe: Callable[[RunSpec], str] = lambda run: run.run_id
+        self.concurrent = False  # runs overlap (the Ray executor): lines name their run, no per-run bar
 
     def __enter__(self) -> SweepProgress:
         self._progress.start()
@@ -43,7 +44,19 @@ class SweepProgress:
             self._run, description=f"  {run.backend_label} {unit}", total=run.total_steps, completed=0, visible=True
         )
 
+    def tally(self, tally: Any) -> None:
+        """The whole sweep when runs overlap: queued, running, done, failed (a `ray_executor.Tally`)."""
+        failed = f", {tally.failed} failed" if tally.failed else ""
+        self._progress.update(
+            self._sweep,
+            completed=tally.done,
+            description=f"sweep: {tally.queued} queued, {tally.running} running, {tally.done} done{failed}",
+        )
+
     def on_event(self, run: RunSpec, event: dict[str, Any]) -> None:
+        if self.concurrent:
+            self._on_concurrent_event(run, event)
+            return
         kind = event["event"]
         if kind == "progress":
             self._progress.update(self._run, completed=event["step"])
@@ -62,4 +75,16 @@ class SweepProgress:
             self.log(
                 f"    epoch {event['epoch']}/{run.train.epochs}: test accuracy {event['test_accuracy']:.4f}, "
                 f"train loss {event['train_loss']:.4f}, {event['train_seconds']:.2f} s training"
+            )
+
+    def _on_concurrent_event(self, run: RunSpec, event: dict[str, Any]) -> None:
+        kind = event["event"]
+        if kind == "epoch":
+            self.log(
+                f"    {run.run_id} epoch {event['epoch']}/{run.train.epochs}: test accuracy "
+                f"{event['test_accuracy']:.4f}, {event['train_seconds']:.2f} s training"
+            )
+        elif kind == "round" and event.get("test_accuracy") is not None:
+            self.log(
+                f"    {run.run_id} round {event['round']}/{run.federated.rounds}: test accuracy {event['test_accuracy']:.4f}"
             )

@@ -51,12 +51,16 @@ class Outcome:
 
 class SweepInterrupted(KeyboardInterrupt):
     """Ctrl-C (or SIGTERM, see `bench run`) stopped a sweep: the outcomes so far and the run it stopped, whose
-    partial result was written with status "interrupted" (None when it stopped between runs)."""
+    partial result was written with status "interrupted" (None when it stopped between runs). `stopped` lists
+    every run it stopped where several ran at once (the Ray executor)."""
 
-    def __init__(self, outcomes: list[Outcome], current: Outcome | None, reason: str):
+    def __init__(
+        self, outcomes: list[Outcome], current: Outcome | None, reason: str, stopped: list[Outcome] | None = None
+    ):
         super().__init__(reason)
         self.outcomes = outcomes
         self.current = current
+        self.stopped = stopped if stopped is not None else [current] if current else []
 
 
 class ResultWriteError(RuntimeError):
@@ -148,8 +152,16 @@ def read_events(path: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]
     return events, offset + end
 
 
-def build_rows(run: RunSpec, events: list[dict[str, Any]], status: str, error: str, started: float) -> list[dict]:
-    """One row per finished epoch (a single row when none finished), epsilon from the core."""
+def build_rows(
+    run: RunSpec,
+    events: list[dict[str, Any]],
+    status: str,
+    error: str,
+    started: float,
+    host: dict[str, str] | None = None,
+) -> list[dict]:
+    """One row per finished epoch (a single row when none finished), epsilon from the core. `host` is the
+    provenance of the machine that ran the worker (`hardware`, `git_commit`) when it is not this one."""
     fed = run.federated
     epochs = [e for e in events if e["event"] == ("round" if fed else "epoch")]
     built = next((e for e in events if e["event"] == "built"), {})
@@ -201,9 +213,9 @@ def build_rows(run: RunSpec, events: list[dict[str, Any]], status: str, error: s
         "error": error,
         "versions": json.dumps(built.get("versions", {}), sort_keys=True),
         "python": start.get("python", ""),
-        "hardware": _hardware(),
+        "hardware": host["hardware"] if host else _hardware(),
         "threads": run.perf.threads,
-        "git_commit": _git_commit(),
+        "git_commit": host["git_commit"] if host else _git_commit(),
         "started_at": datetime.fromtimestamp(started, UTC),
         "finished_at": datetime.now(UTC),
         "spec": json.dumps(run.to_dict(), sort_keys=True),
@@ -350,6 +362,63 @@ def _memory_error(used: float, limit: float) -> str:
     )
 
 
+def run_worker(
+    python: str,
+    run: RunSpec,
+    job: dict[str, Any],
+    stem: Path,
+    timeout: float,
+    memory_limit: float | None,
+    events: list[dict],
+    on_event: Callable[[dict], None] | None = None,
+) -> WorkerExit:
+    """Start `python -m bench.worker` on `job` and follow its events until it ends, runs out of time
+    or outgrows its memory limit (bytes); `events` fills as they arrive, so a caller interrupted by
+    Ctrl-C still has them. The worker's process group is killed on the way out, whatever happened.
+    Both executors use it: the local one on this machine, the Ray one on the node that runs the task."""
+    events_path, job_path, log_path = (Path(f"{stem}.{ext}") for ext in ("events.jsonl", "job.json", "log"))
+    events_path.unlink(missing_ok=True)
+    job_path.write_text(json.dumps({**job, "events": str(events_path)}))
+    offset, timed_out, over_memory = 0, False, ""
+
+    def drain() -> None:
+        nonlocal offset
+        new, offset = read_events(events_path, offset)
+        for e in new:
+            events.append(e)
+            if on_event:
+                on_event(e)
+
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(
+            [python, "-m", "bench.worker", str(job_path)],
+            cwd=PROJECT_ROOT,
+            env=worker_env(run),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # a Ctrl-C reaches the runner only; the runner stops the worker
+            preexec_fn=_die_with_parent(),
+        )
+        launched = time.monotonic()
+        watchdog = MemoryWatchdog(proc.pid, memory_limit)
+        try:
+            while proc.poll() is None:
+                drain()
+                if time.monotonic() - launched > timeout:
+                    timed_out = True
+                    break
+                used = watchdog.exceeded()
+                if used is not None:
+                    over_memory = _memory_error(used, memory_limit or 0)
+                    break
+                time.sleep(POLL_S)
+        finally:
+            _kill(proc)
+            drain()
+    return WorkerExit(proc.returncode, timed_out, over_memory, log_path)
+
+
 class Runner:
     """Executes RunSpecs one after another, each in a fresh worker process."""
 
@@ -403,62 +472,6 @@ class Runner:
         logs.mkdir(parents=True, exist_ok=True)
         return logs
 
-    def _run_worker(
-        self,
-        python: str,
-        run: RunSpec,
-        job: dict[str, Any],
-        stem: Path,
-        timeout: float,
-        memory_limit: float | None,
-        events: list[dict],
-        on_event: Callable[[dict], None] | None = None,
-    ) -> WorkerExit:
-        """Start `python -m bench.worker` on `job` and follow its events until it ends, runs out of time
-        or outgrows its memory limit (bytes); `events` fills as they arrive, so a caller interrupted by
-        Ctrl-C still has them. The worker's process group is killed on the way out, whatever happened."""
-        events_path, job_path, log_path = (Path(f"{stem}.{ext}") for ext in ("events.jsonl", "job.json", "log"))
-        events_path.unlink(missing_ok=True)
-        job_path.write_text(json.dumps({**job, "events": str(events_path)}))
-        offset, timed_out, over_memory = 0, False, ""
-
-        def drain() -> None:
-            nonlocal offset
-            new, offset = read_events(events_path, offset)
-            for e in new:
-                events.append(e)
-                if on_event:
-                    on_event(e)
-
-        with open(log_path, "w") as log_file:
-            proc = subprocess.Popen(
-                [python, "-m", "bench.worker", str(job_path)],
-                cwd=PROJECT_ROOT,
-                env=worker_env(run),
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,  # a Ctrl-C reaches the runner only; the runner stops the worker
-                preexec_fn=_die_with_parent(),
-            )
-            launched = time.monotonic()
-            watchdog = MemoryWatchdog(proc.pid, memory_limit)
-            try:
-                while proc.poll() is None:
-                    drain()
-                    if time.monotonic() - launched > timeout:
-                        timed_out = True
-                        break
-                    used = watchdog.exceeded()
-                    if used is not None:
-                        over_memory = _memory_error(used, memory_limit or 0)
-                        break
-                    time.sleep(POLL_S)
-            finally:
-                _kill(proc)
-                drain()
-        return WorkerExit(proc.returncode, timed_out, over_memory, log_path)
-
     def _write(self, run: RunSpec, path: Path, rows: list[dict]) -> None:
         try:
             write_rows(path, rows)
@@ -483,7 +496,7 @@ class Runner:
         limit = self.memory_limit_bytes(memory_limit_gb)
         on_event = (lambda e: self.on_progress(run, e)) if self.on_progress else None
         try:
-            ended = self._run_worker(python, run, job, logs / run.run_id, timeout, limit, events, on_event)
+            ended = run_worker(python, run, job, logs / run.run_id, timeout, limit, events, on_event)
         except KeyboardInterrupt as e:
             error = str(e) or "interrupted by the user"
             self._write(run, path, build_rows(run, events, "interrupted", error, started))
@@ -507,7 +520,7 @@ class Runner:
         job = {"run": run.to_dict(), "data": str(data), "max_steps": steps}
         stem = self._logs_dir(run) / f"probe-{run.run_id}"
         launched = time.time()
-        ended = self._run_worker(python, run, job, stem, timeout, self.memory_limit_bytes(memory_limit_gb), events)
+        ended = run_worker(python, run, job, stem, timeout, self.memory_limit_bytes(memory_limit_gb), events)
         return _probe_result(events, ended, launched, timeout, steps)
 
     def run_suite(
@@ -533,33 +546,19 @@ class Runner:
             for i, run in enumerate(suite.runs, 1):
                 if on_start:
                     on_start(i - 1, run)
-                path = result_path(self.results_dir, run.suite, run.run_id)
-                stamp = _stamp(path)
-                status = self.should_skip(run, force, retry_failed)
-                if status is not None:
-                    self.log(f"[{i}/{total}] skip {describe_run(run)}: already {status} (use --force to re-run)")
-                    done[i] = Outcome(run, status, "", path, True)
-                    continue
-                lock = RunLock(lock_path(self.results_dir, run.suite, run.run_id))
-                if not lock.acquire():
-                    self.log(
-                        f"[{i}/{total}] skip {describe_run(run)}: running in another bench run ({lock.holder()}); "
-                        "skipped, its result is checked at the end of this sweep"
-                    )
+                stamp = _stamp(result_path(self.results_dir, run.suite, run.run_id))
+                claim = self._claim(i, total, run, force, retry_failed)
+                if isinstance(claim, Outcome):
+                    done[i] = claim
+                elif claim is None:
                     deferred.append((i, run, stamp))
-                    continue
-                with lock:
-                    done[i] = self._run_locked(i, total, run, stamp, limits)
+                else:
+                    with claim:
+                        done[i] = self._run_locked(i, total, run, stamp, limits)
             for i, run, stamp in deferred:
                 if on_start:
                     on_start(i - 1, run)
-                lock = RunLock(lock_path(self.results_dir, run.suite, run.run_id))
-                if not lock.acquire():
-                    self.log(
-                        f"[{i}/{total}] waiting for {describe_run(run)}: running in another bench run ({lock.holder()})"
-                    )
-                    lock.acquire(wait=True)
-                with lock:
+                with self._wait_for_lock(i, total, run):
                     done[i] = self._run_locked(i, total, run, stamp, limits)
         except KeyboardInterrupt as e:
             raise SweepInterrupted([done[k] for k in sorted(done)], self._interrupted, str(e)) from e
@@ -567,6 +566,30 @@ class Runner:
             e.outcomes = [done[k] for k in sorted(done)]
             raise
         return [done[k] for k in sorted(done)]
+
+    def _claim(self, i: int, total: int, run: RunSpec, force: bool, retry_failed: bool) -> Outcome | RunLock | None:
+        """A run's place in the sweep: its Outcome when it is finished already (skipped), None when another
+        `bench run` on the same folder holds it (deferred to the end of the sweep), else its lock, now held."""
+        status = self.should_skip(run, force, retry_failed)
+        if status is not None:
+            self.log(f"[{i}/{total}] skip {describe_run(run)}: already {status} (use --force to re-run)")
+            return Outcome(run, status, "", result_path(self.results_dir, run.suite, run.run_id), True)
+        lock = RunLock(lock_path(self.results_dir, run.suite, run.run_id))
+        if lock.acquire():
+            return lock
+        self.log(
+            f"[{i}/{total}] skip {describe_run(run)}: running in another bench run ({lock.holder()}); "
+            "skipped, its result is checked at the end of this sweep"
+        )
+        return None
+
+    def _wait_for_lock(self, i: int, total: int, run: RunSpec) -> RunLock:
+        """A deferred run's lock, once the other `bench run` lets go of it."""
+        lock = RunLock(lock_path(self.results_dir, run.suite, run.run_id))
+        if not lock.acquire():
+            self.log(f"[{i}/{total}] waiting for {describe_run(run)}: running in another bench run ({lock.holder()})")
+            lock.acquire(wait=True)
+        return lock
 
     def _run_locked(
         self,

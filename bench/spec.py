@@ -225,14 +225,18 @@ class PerfFlags:
     """How a run is executed; none of this changes what is computed.
 
     `physical_batch_size` is the fixed shape Poisson batches are padded to (None: the
-    core picks one a few standard deviations above the expected batch size).
+    core picks one a few standard deviations above the expected batch size). `gpus` is what
+    a run reserves under the Ray executor, beside `threads` CPUs; the backend still picks the
+    device it sees, so the local executor ignores it.
     """
 
     threads: int = 2
     physical_batch_size: int | None = None
+    gpus: int = 0
 
     def __post_init__(self) -> None:
         _positive_int("threads", self.threads)
+        _check(_int(self.gpus) and 0 <= self.gpus <= 64, "gpus", self.gpus, "an integer from 0 to 64")
         if self.physical_batch_size is not None:
             _positive_int("physical_batch_size", self.physical_batch_size)
 

@@ -60,7 +60,7 @@ FEDERATED_KEYS = {f.name for f in dataclasses.fields(FederatedConfig)} - {"total
 PARTITION_KEYS = {f.name for f in dataclasses.fields(PartitionSpec)}
 CLIPPING_KEYS = {f.name for f in dataclasses.fields(AdaptiveClipping)}
 ACCOUNTANTS = ("pld", "rdp")
-PERF_KEYS = {"physical_batch_size"}
+PERF_KEYS = {"physical_batch_size", "gpus"}
 DEFAULT_TIMEOUT_S = 3600.0
 # A grid larger than this is a mistake (or a YAML alias bomb), not a sweep: refused before it is expanded.
 MAX_RUNS = 100_000
