@@ -97,6 +97,9 @@ def execute_on_node(
         sink.push.remote(run.run_id, attempt, list(events))
 
     push({"event": "node", **host})
+    mismatch = commit_mismatch(host["git_commit"], job.get("git_commit", ""), node)
+    if mismatch:
+        return {**host, "attempt": attempt, "setup_error": mismatch}
     try:
         python = sys.executable if env == "current" else str(ensure_env(run.backend, lambda m: push(_log(m))))
         data = prepared_path(run.dataset)
@@ -114,6 +117,7 @@ def execute_on_node(
             gb * GIB if gb else None,
             events,
             on_event=lambda e: push(e),
+            extra_env=device_env(run.perf.gpus),
         )
         log = ended.log.read_text(errors="replace").splitlines()[-LOG_LINES:]
     return {
@@ -125,6 +129,25 @@ def execute_on_node(
         "over_memory": ended.over_memory,
         "log": "\n".join(log),
     }
+
+
+def device_env(gpus: int) -> dict[str, str]:
+    """What the worker may see of the node's GPUs. Ray sets CUDA_VISIBLE_DEVICES to the GPUs it assigned a task
+    that reserved some, but leaves every GPU visible to a task that reserved none; such a run would then share a
+    GPU it does not own with the runs that do (measured on an H100: a run reserving none hit CUDA out of memory
+    beside JAX's preallocation). So a run that reserves no GPU sees none and trains on the CPU."""
+    return {} if gpus else {"CUDA_VISIBLE_DEVICES": ""}
+
+
+def commit_mismatch(node_commit: str, driver_commit: str, node: str) -> str:
+    """Why a node must not run the driver's runs: another commit of the code would be compared as if it were
+    the same; "" when both are the same or either is unknown (not a git checkout)."""
+    if node_commit and driver_commit and node_commit != driver_commit:
+        return (
+            f"node {node} runs commit {node_commit} of dpbench, the driver {driver_commit}: check out the same "
+            "commit on every node (and restart its `ray start`), then resume with --retry-failed"
+        )
+    return ""
 
 
 def _log(message: str) -> dict:
@@ -183,6 +206,7 @@ class RayRunner(Runner):
         self._ray: Any = None
         self._sink: Any = None
         self._task: Any = None
+        self._commit = _git_commit()
 
     def connect(self) -> None:
         """Join the cluster at `address` (None: Ray's default, RAY_ADDRESS or a local `ray start`, else a
@@ -285,7 +309,8 @@ class RayRunner(Runner):
         task = self._task.options(
             num_cpus=run.perf.threads, num_gpus=run.perf.gpus, max_retries=self.retries, retry_exceptions=False
         )
-        slot.ref = task.remote({"run": run.to_dict()}, self.env, timeout, memory_limit_gb, self._sink)
+        job = {"run": run.to_dict(), "git_commit": self._commit}
+        slot.ref = task.remote(job, self.env, timeout, memory_limit_gb, self._sink)
         slots[run.run_id] = slot
         self.log(f"[{i}/{total}] queued {label}")
         self._tally(slots, done, total)

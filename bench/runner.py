@@ -371,6 +371,7 @@ def run_worker(
     memory_limit: float | None,
     events: list[dict],
     on_event: Callable[[dict], None] | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> WorkerExit:
     """Start `python -m bench.worker` on `job` and follow its events until it ends, runs out of time
     or outgrows its memory limit (bytes); `events` fills as they arrive, so a caller interrupted by
@@ -393,7 +394,7 @@ def run_worker(
         proc = subprocess.Popen(
             [python, "-m", "bench.worker", str(job_path)],
             cwd=PROJECT_ROOT,
-            env=worker_env(run),
+            env={**worker_env(run), **(extra_env or {})},
             stdout=log_file,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -149,17 +149,17 @@ class Cluster:
             env=self.env,
         )
 
-    def add_node(self, name: str, *options: str) -> int:
-        """Start a worker node with one CPU; returns its raylet's pid."""
+    def add_node(self, name: str, *options: str, env: dict[str, str] | None = None) -> int:
+        """Start a worker node (one CPU unless `options` say otherwise) whose processes see `env` on top of this
+        one's; returns its raylet's pid."""
         before = set(_raylets())
         _ray(
             "start",
             f"--address={self.address}",
             "--node-ip-address=127.0.0.1",
-            "--num-cpus=1",
+            *(options if any(o.startswith("--num-cpus") for o in options) else ("--num-cpus=1", *options)),
             f"--resources={json.dumps({name: 1})}",
-            *options,
-            env=self.env,
+            env={**self.env, **(env or {})},
         )
         (pid,) = [p for p, res in _raylets().items() if p not in before and f"{name},1" in res]
         return pid
@@ -438,3 +438,18 @@ def test_a_run_that_asks_for_a_gpu_runs_where_there_is_one(cluster: Cluster, tmp
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert seen and all(on_gpu_node for _, on_gpu_node in seen), seen
     assert set(rows(tmp_path / "results").status) == {"ok"}
+
+
+def test_a_node_creates_the_backend_environment_itself(cluster: Cluster, tmp_path: Path):
+    """On first use a node builds the backend's environment in its own envs folder, and the driver shows pip's
+    progress. This node is offline (PIP_NO_INDEX), so the build fails: the run is `failed` with pip's error
+    naming the backend, as locally. Only this node has 2 CPUs, so only it can hold the 2-thread run."""
+    envs = tmp_path / "node-envs"
+    cluster.add_node("bare", "--num-cpus=2", env={"BENCH_ENVS_DIR": str(envs), "PIP_NO_INDEX": "1"})
+    suite = write_suite(tmp_path, "bare", epochs=1, threads="2", backends="[jax]", privacy="[{dp: false}]")
+    proc = bench("run", str(suite), "--executor", "ray", "--address", cluster.address, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"creating the jax environment in {envs / 'jax'}" in proc.stdout, proc.stdout
+    (error,) = set(rows(tmp_path / "results").error)
+    assert "creating the jax environment failed" in error, error
+    assert (envs / "jax" / "bin" / "python").exists() and not (envs / "jax" / ".dpbench-requirements").exists()

@@ -95,3 +95,40 @@ def test_a_sweep_stopped_with_several_runs_in_flight_names_them_all(tmp_path):
     assert "1 of 3 runs had ended (1 ok)" in text
     assert f"The 2 runs it stopped ({runs[1].run_id}, {runs[2].run_id}) are recorded as interrupted" in text
     assert "To resume (finished runs are skipped): bench run quickstart --executor ray" in text
+
+
+def test_a_node_on_another_commit_is_refused_with_what_to_do():
+    from bench.ray_executor import commit_mismatch
+
+    assert commit_mismatch("abc", "abc", "n1") == ""
+    assert commit_mismatch("", "abc", "n1") == "" and commit_mismatch("abc", "", "n1") == ""
+    message = commit_mismatch("abc", "def", "host/1234")
+    assert "node host/1234 runs commit abc of dpbench, the driver def" in message
+    assert "--retry-failed" in message
+
+
+def test_a_run_that_reserves_no_gpu_sees_none():
+    """Ray leaves a task with num_gpus=0 every GPU of its node; the worker of such a run is given none."""
+    from bench.ray_executor import device_env
+
+    assert device_env(0) == {"CUDA_VISIBLE_DEVICES": ""}
+    assert device_env(1) == {}  # Ray's own CUDA_VISIBLE_DEVICES (the GPUs it assigned) stays
+
+
+def test_extra_env_reaches_the_worker(tmp_path):
+    """run_worker hands `extra_env` to the worker process on top of the pinned environment."""
+    from bench.runner import run_worker
+
+    fake = tmp_path / "python"
+    fake.write_text(
+        "#!/bin/sh\n"
+        'job="$3"; events=$(sed -e \'s/.*"events": "\\([^"]*\\)".*/\\1/\' "$job")\n'
+        'printf \'{"event": "env", "cuda": "%s", "threads": "%s"}\\n\' "${CUDA_VISIBLE_DEVICES-unset}" '
+        '"$OMP_NUM_THREADS" > "$events"\n'
+    )
+    fake.chmod(0o755)
+    run = small_run()
+    events: list[dict] = []
+    ended = run_worker(str(fake), run, {}, tmp_path / "w", 30, None, events, extra_env={"CUDA_VISIBLE_DEVICES": ""})
+    assert ended.returncode == 0
+    assert events == [{"event": "env", "cuda": "", "threads": str(run.perf.threads)}]
