@@ -96,7 +96,7 @@ def execute_on_node(
     def push(*events: dict) -> None:
         sink.push.remote(run.run_id, attempt, list(events))
 
-    push({"event": "node", **host})
+    push({"event": "node", "time": time.time(), **host})
     mismatch = commit_mismatch(host["git_commit"], job.get("git_commit", ""), node)
     if mismatch:
         return {**host, "attempt": attempt, "setup_error": mismatch}
@@ -164,7 +164,7 @@ class _Slot:
     index: int
     run: RunSpec
     lock: RunLock
-    submitted: float
+    started: float  # submitted, then when a node took it: the rows' started_at
     ref: Any = None
     attempt: str = ""
     attempts: int = 0
@@ -206,6 +206,7 @@ class RayRunner(Runner):
         self._ray: Any = None
         self._sink: Any = None
         self._task: Any = None
+        self._largest: dict[str, float] = {}
         self._commit = _git_commit()
 
     def connect(self) -> None:
@@ -248,6 +249,7 @@ class RayRunner(Runner):
         cannot be written; both carry the outcomes so far."""
         if self._ray is None:
             self.connect()
+        self._largest = self._largest_node()
         total = len(suite.runs)
         limits = (self.timeout or suite.timeout, self.memory_limit_gb or suite.memory_limit_gb)
         done: dict[int, Outcome] = {}
@@ -315,12 +317,16 @@ class RayRunner(Runner):
         self.log(f"[{i}/{total}] queued {label}")
         self._tally(slots, done, total)
 
+    def _largest_node(self) -> dict[str, float]:
+        """The most CPUs and GPUs any live node of the cluster has, as the sweep starts."""
+        nodes = [n.get("Resources", {}) for n in self._ray.nodes() if n.get("Alive")]
+        return {r: max((n.get(r, 0) for n in nodes), default=0) for r in ("CPU", "GPU")}
+
     def _unplaceable(self, run: RunSpec) -> str:
         """Why no node of the cluster can run `run` (more CPUs or GPUs than any node has), else ""."""
-        nodes = [n.get("Resources", {}) for n in self._ray.nodes() if n.get("Alive")]
         need = {"CPU": run.perf.threads, "GPU": run.perf.gpus}
         for resource, amount in need.items():
-            largest = max((n.get(resource, 0) for n in nodes), default=0)
+            largest = self._largest[resource]
             if amount > largest:
                 return (
                     f"no node of the Ray cluster has {amount:g} {resource}s for this run (the largest has "
@@ -363,6 +369,7 @@ class RayRunner(Runner):
         kind = event["event"]
         if kind == "node":
             slot.node = event["node"]
+            slot.started = event.get("time", slot.started)
             slot.host = {k: event[k] for k in ("hardware", "git_commit")}
             again = f" (attempt {slot.attempts} of {self.retries + 1})" if slot.attempts > 1 else ""
             self.log(f"[{slot.index}/{total}] run {label} on {slot.node}{again}")
@@ -417,7 +424,7 @@ class RayRunner(Runner):
         run = slot.run
         path = result_path(self.results_dir, run.suite, run.run_id)
         try:
-            self._write(run, path, build_rows(run, events, status, error, slot.submitted, host))
+            self._write(run, path, build_rows(run, events, status, error, slot.started, host))
         finally:
             slot.lock.release()
         done[slot.index] = Outcome(run, status, error, path)
@@ -454,7 +461,7 @@ class RayRunner(Runner):
             run = slot.run
             path = result_path(self.results_dir, run.suite, run.run_id)
             if slot.node:
-                self._write(run, path, build_rows(run, slot.events, "interrupted", reason, slot.submitted, slot.host))
+                self._write(run, path, build_rows(run, slot.events, "interrupted", reason, slot.started, slot.host))
                 stopped.append(Outcome(run, "interrupted", reason, path))
             slot.lock.release()
         slots.clear()

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from bench.results import read_results
@@ -282,6 +283,13 @@ def test_rows_equal_the_local_executors(cluster: Cluster, tmp_path: Path):
     for column in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
         assert a[column].tolist() == b[column].tolist(), column
     assert set(b.hardware) == set(a.hardware) and set(b.git_commit) == set(a.git_commit)
+    # started_at is when a node took the run, not when it was queued: two 1-CPU nodes take two runs at a time,
+    # so the third run to start started after one of the first two had finished (finished_at is when the driver
+    # wrote the row, up to a poll later than the node's end: a second of slack; each run takes several).
+    first = b.groupby("run_id").agg(started=("started_at", "min"), finished=("finished_at", "max"))
+    first = first.sort_values("started")
+    assert first.started.iloc[2] >= first.finished.iloc[:2].min() - pd.Timedelta(seconds=1), first
+    assert (first.finished - first.started).min() > pd.Timedelta(seconds=2), first
     # Two nodes, one CPU each: the runs were spread over both.
     nodes = {line.rsplit(" on ", 1)[1] for line in remote.stdout.splitlines() if "] ok " in line}
     assert len(nodes) == 2, remote.stdout
