@@ -315,7 +315,6 @@ class RayRunner(Runner):
         slot.ref = task.remote(job, self.env, timeout, memory_limit_gb, self._sink)
         slots[run.run_id] = slot
         self.log(f"[{i}/{total}] queued {label}")
-        self._tally(slots, done, total)
 
     def _largest_node(self) -> dict[str, float]:
         """The most CPUs and GPUs any live node of the cluster has, as the sweep starts."""
@@ -337,14 +336,14 @@ class RayRunner(Runner):
     def _drain(self, slots: dict[str, _Slot], done: dict[int, Outcome], total: int) -> None:
         """Follow the submitted runs until every one has its result written."""
         while slots:
-            refs = [s.ref for s in slots.values()]
-            ready, _ = self._ray.wait(refs, num_returns=len(refs), timeout=POLL_S)
+            by_ref = {s.ref: s for s in slots.values()}
+            ready, _ = self._ray.wait(list(by_ref), num_returns=len(by_ref), timeout=POLL_S)
             self._take_events(slots, total)
             for ref in ready:
-                slot = next(s for s in slots.values() if s.ref == ref)
+                slot = by_ref[ref]
                 self._finish(slot, total, done)
                 del slots[slot.run.run_id]
-                self._tally(slots, done, total)
+            self._tally(slots, done, total)  # once a poll: per run, it would cost O(runs²) on a large grid
 
     def _take_events(self, slots: dict[str, _Slot], total: int) -> None:
         try:

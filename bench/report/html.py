@@ -103,13 +103,7 @@ def _e(value: object) -> str:
 
 
 def _num(value: object, spec: str = ".4g", suffix: str = "") -> str:
-    try:
-        x = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return "—"
-    if math.isnan(x):
-        return "—"
-    return _e(format(x, spec) + suffix)
+    return _e(tables.number_text(value, spec, suffix))
 
 
 class _Charts:

@@ -23,12 +23,7 @@ def escape(value: object) -> str:
     return _SPECIAL.sub(lambda m: "\\" + m.group(0), text)
 
 
-def _num(value: object, spec: str = ".4g", suffix: str = "") -> str:
-    try:
-        x = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return "—"
-    return "—" if math.isnan(x) else format(x, spec) + suffix
+_num = tables.number_text
 
 
 def _row(cells: list[str]) -> str:

@@ -73,15 +73,19 @@ def _privacy_order(row: pd.Series) -> tuple:
     return (1, eps, -sigma, *extra)
 
 
-def epsilon_text(value: object, spec: str = ".3f") -> str:
-    """An epsilon for a table: '—' when missing, '∞ (no noise)' when infinite (a DP run with noise 0)."""
+def number_text(value: object, spec: str = ".4g", suffix: str = "") -> str:
+    """A number for a table cell (Markdown or HTML, before escaping): '—' when missing or not a number."""
     try:
         x = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return "—"
-    if math.isnan(x):
-        return "—"
-    return "∞ (no noise)" if math.isinf(x) else format(x, spec)
+    return "—" if math.isnan(x) else format(x, spec) + suffix
+
+
+def epsilon_text(value: object, spec: str = ".3f") -> str:
+    """An epsilon for a table: '—' when missing, '∞ (no noise)' when infinite (a DP run with noise 0)."""
+    text = number_text(value, spec)
+    return "∞ (no noise)" if text in ("inf", "-inf") else text
 
 
 def timed_epochs(group: pd.DataFrame) -> pd.Series:

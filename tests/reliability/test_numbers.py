@@ -9,7 +9,6 @@ few seconds per run): a DP run with a learning rate of 1e30 diverges, a shuffle-
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
 import os
@@ -31,8 +30,10 @@ from bench.report import make_report, render, tables
 from bench.results import read_status, result_path
 from bench.resultset import load_results
 from bench.runner import SHUFFLE_NOTE, Runner, _finish_status, build_rows
-from bench.spec import DatasetSpec, DPConfig, FederatedConfig, PartitionSpec, RunSpec, SpecError, TrainConfig
+from bench.spec import DPConfig, FederatedConfig, PartitionSpec, RunSpec, SpecError, TrainConfig
 from bench.suite import SuiteError, load_suite
+
+from .conftest import small_run
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = {"name": "synthetic", "train_size": 256, "test_size": 64, "shape": [8, 8, 1], "num_classes": 4}
@@ -191,18 +192,16 @@ emit("end", status="ok", error="")  # ok, after one of the planned epochs (round
 
 
 def _small_run(**changes) -> RunSpec:
-    run = RunSpec(
-        suite="short",
-        workload="w",
-        dataset=DatasetSpec(name="synthetic", train_size=200, test_size=40, shape=(4, 4, 1), num_classes=3),
-        model="mlp",
-        train=TrainConfig(epochs=3, batch_size=50),
-        dp=DPConfig(noise_multiplier=1.0),
-        backend="jax",
-        variant="vmap",
-        dataset_size=200,
+    """conftest's small run with DP and three epochs."""
+    return small_run(
+        **{
+            "suite": "short",
+            "train": TrainConfig(epochs=3, batch_size=50),
+            "dp": DPConfig(noise_multiplier=1.0),
+            "variant": "vmap",
+            **changes,
+        }
     )
-    return dataclasses.replace(run, **changes)
 
 
 def _fed_run(**dp) -> RunSpec:
