@@ -22,8 +22,8 @@ from functools import partial, reduce
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
-from backends.jax import models
 from backends.jax.models import Params, layer_apply, normalize
 from bench.models import Conv, Dense, GroupNorm, Layer, MaxPool, ModelSpec, Residual
 
@@ -57,17 +57,92 @@ def _space_to_depth(x: jax.Array, s: int) -> jax.Array:
 
 
 SMALL_OUTPUT = 4  # output positions (height x width) up to which a convolution is a matmul on patches
+FEW_CHANNELS = 4  # input channels up to which a convolution's per-example kernel gradients are kept
+
+
+def _s2d_kernel(kernel: jax.Array, s: int) -> jax.Array:
+    """(k, k, C, O) -> (k'/s, k'/s, s*s*C, O), k' = k rounded up to a multiple of s: the kernel of the
+    stride-1 convolution on a space-to-depth input that equals the stride-s convolution."""
+    k, _, c, o = kernel.shape
+    k_pad = -(-k // s) * s
+    kernel = jnp.pad(kernel, ((0, k_pad - k), (0, k_pad - k), (0, 0), (0, 0)))
+    n = k_pad // s
+    return kernel.reshape(n, s, n, s, c, o).transpose(0, 2, 1, 3, 4, 5).reshape(n, n, s * s * c, o)
+
+
+def _s2d_conv(layer: Conv, kernel: jax.Array, x: jax.Array) -> jax.Array:
+    """A strided convolution as a stride-1 one on the space-to-depth input: XLA's CPU back end runs a strided
+    convolution of few input channels 2-4x slower, and its input gradient (a dilated convolution) 5x slower."""
+    s = layer.stride
+    ho, wo = _out_size(layer, x)
+    y = lax.conv_general_dilated(
+        _space_to_depth(_pad(x, layer.padding), s),
+        _s2d_kernel(kernel, s),
+        (1, 1),
+        "VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+    return y[:, :ho, :wo]
+
+
+def _xla_conv(layer: Conv, kernel: jax.Array, x: jax.Array) -> jax.Array:
+    pad = [(layer.padding, layer.padding)] * 2
+    return lax.conv_general_dilated(
+        x, kernel, (layer.stride, layer.stride), pad, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+def _input_form(layer: Conv) -> Callable[[Conv, jax.Array, jax.Array], jax.Array]:
+    """The formulation whose gradient with respect to the input XLA:CPU runs fastest."""
+    if layer.stride == 1:
+        return _xla_conv
+    if layer.kernel == 1 and layer.padding == 0:
+        return lambda layer, k, x: x[:, :: layer.stride, :: layer.stride] @ k[0, 0]
+    return _s2d_conv
+
+
+def _forward_form(layer: Conv, x: jax.Array) -> Callable[[Conv, jax.Array, jax.Array], jax.Array]:
+    return _s2d_conv if layer.stride > 1 and x.shape[-1] <= FEW_CHANNELS else _xla_conv
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _conv_op(layer: Conv, kernel: jax.Array, x: jax.Array) -> jax.Array:
+    """A convolution computed, and differentiated, in whichever form is fastest for each direction."""
+    return _forward_form(layer, x)(layer, kernel, x)
+
+
+def _conv_op_fwd(layer: Conv, kernel: jax.Array, x: jax.Array):
+    return _conv_op(layer, kernel, x), (kernel, x)
+
+
+def _conv_op_bwd(layer: Conv, res: tuple[jax.Array, jax.Array], g: jax.Array):
+    kernel, x = res
+    _, input_vjp = jax.vjp(lambda x: _input_form(layer)(layer, kernel, x), x)
+    return filter_grad(layer, x, g, kernel), input_vjp(g)[0]
+
+
+_conv_op.defvjp(_conv_op_fwd, _conv_op_bwd)
+
+
+def filter_grad(layer: Conv, x: jax.Array, g: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The kernel gradient summed over the batch: XLA's own convolution filter gradient is its fastest form."""
+    _, vjp = jax.vjp(lambda k: _xla_conv(layer, k, x), kernel)
+    return vjp(g)[0]
+
+
+def _out_size(layer: Conv, x: jax.Array) -> tuple[int, int]:
+    k, s, p = layer.kernel, layer.stride, layer.padding
+    return (x.shape[1] + 2 * p - k) // s + 1, (x.shape[2] + 2 * p - k) // s + 1
 
 
 def conv(p: Params, layer: Conv, x: jax.Array) -> jax.Array:
     """The zoo's convolution; as patches @ kernel when its output has few positions."""
-    k, s = layer.kernel, layer.stride
-    ho = (x.shape[1] + 2 * layer.padding - k) // s + 1
-    wo = (x.shape[2] + 2 * layer.padding - k) // s + 1
-    if ho * wo > SMALL_OUTPUT:
-        return models.conv(p, layer, x)
+    ho, wo = _out_size(layer, x)
     kernel = p[f"{layer.name}/kernel"]
-    y = _patches(layer, x, ho, wo) @ kernel.reshape(-1, kernel.shape[-1])
+    if ho * wo > SMALL_OUTPUT:
+        y = _conv_op(layer, kernel, x)
+    else:
+        y = _patches(layer, x, ho, wo) @ kernel.reshape(-1, kernel.shape[-1])
     return y + p[f"{layer.name}/bias"] if layer.bias else y
 
 
@@ -170,39 +245,37 @@ def _rows(a: jax.Array) -> jax.Array:
     return a.reshape(a.shape[0], -1, a.shape[-1])
 
 
-FEW_CHANNELS = 4  # input channels up to which a convolution's per-example kernel gradients are kept
-
-
-def keeps_per_example(layer: Layer, a: jax.Array) -> bool:
-    """A first convolution (few input channels) has small per-example kernel gradients, (k*k*C, O) each:
-    computing them once serves both the norm and the weighted sum, cheaper than a second, weighted pass."""
-    return isinstance(layer, Conv) and a.shape[-1] <= FEW_CHANNELS
-
-
-def layer_norms(layer: Conv | Dense | GroupNorm, a: jax.Array, g: jax.Array, kept: jax.Array | None) -> jax.Array:
-    """Squared norm of each example's gradient of this layer's parameters, from its inputs and output grads
-    (or, for a convolution, from its kept per-example kernel gradients)."""
+def kept_grads(layer: Conv | Dense | GroupNorm, a: jax.Array, g: jax.Array) -> Params | None:
+    """Each example's parameter gradients of a layer where they are small: a GroupNorm's (2C per example) and a
+    first convolution's (few input channels: k*k*C*O). Computed once, they serve both the norm and the weighted
+    sum, cheaper than a second, weighted pass, and the layer's input and output gradients need not be kept
+    until the clipping weights are known. None for the other layers."""
+    name = layer.name
     if isinstance(layer, GroupNorm):
-        return jnp.sum(jnp.sum(_rows(g * a), 1) ** 2, 1) + jnp.sum(jnp.sum(_rows(g), 1) ** 2, 1)
+        return {f"{name}/scale": jnp.sum(_rows(g * a), 1), f"{name}/bias": jnp.sum(_rows(g), 1)}
+    if isinstance(layer, Conv) and a.shape[-1] <= FEW_CHANNELS:
+        kept = {f"{name}/kernel": conv_per_example(layer, a, g)}
+        if layer.bias:
+            kept[f"{name}/bias"] = jnp.sum(_rows(g), 1)
+        return kept
+    return None
+
+
+def layer_norms(layer: Conv | Dense, a: jax.Array, g: jax.Array) -> jax.Array:
+    """Squared norm of each example's gradient of this layer's parameters, from its inputs and output grads."""
     if isinstance(layer, Conv):
-        norms = conv_sq_norms(layer, a, g) if kept is None else jnp.sum(kept**2, axis=(1, 2, 3, 4))
+        norms = conv_sq_norms(layer, a, g)
         return norms + jnp.sum(jnp.sum(_rows(g), 1) ** 2, 1) if layer.bias else norms
     # Dense: the per-example gradient is the outer product a g^T, whose norm factorises.
     return jnp.sum(a**2, 1) * jnp.sum(g**2, 1) + jnp.sum(g**2, 1)
 
 
-def layer_grads(
-    layer: Conv | Dense | GroupNorm, a: jax.Array, g: jax.Array, weights: jax.Array, p: Params, kept: jax.Array | None
-) -> Params:
+def layer_grads(layer: Conv | Dense, a: jax.Array, g: jax.Array, weights: jax.Array, p: Params) -> Params:
     """The weighted sum over examples of this layer's per-example parameter gradients."""
     name = layer.name
     g = g * weights.reshape(-1, *([1] * (g.ndim - 1)))
-    if isinstance(layer, GroupNorm):
-        return {f"{name}/scale": jnp.sum(_rows(g * a), (0, 1)), f"{name}/bias": jnp.sum(_rows(g), (0, 1))}
     g2 = _rows(g).reshape(-1, g.shape[-1])
-    if kept is not None:
-        out = {f"{name}/kernel": jnp.tensordot(weights, kept, axes=1)}
-    elif isinstance(layer, Conv):  # the filter gradient of the weighted output gradients
+    if isinstance(layer, Conv):  # the filter gradient of the weighted output gradients
         kernel = p[f"{name}/kernel"]
         _, vjp = jax.vjp(lambda k: conv({**p, f"{name}/kernel": k}, layer, a), kernel)
         out = {f"{name}/kernel": vjp(g)[0]}
@@ -211,6 +284,10 @@ def layer_grads(
     if isinstance(layer, Dense) or layer.bias:
         out[f"{name}/bias"] = jnp.sum(g2, 0)
     return out
+
+
+def _sq_norms(per_example: Params) -> jax.Array:
+    return sum(jnp.sum(v.reshape(v.shape[0], -1) ** 2, 1) for v in per_example.values())
 
 
 def _trainable_layers(layers: tuple[Layer, ...]) -> list[Conv | Dense | GroupNorm]:
@@ -241,17 +318,18 @@ def make_clipped_sum(spec: ModelSpec, loss_fn: Callable, clip: Callable) -> Call
             return jnp.sum(losses), (logits, acts)
 
         (loss_sum, (logits, acts)), out_grads = jax.value_and_grad(loss, has_aux=True)(taps)
-        kept = {
-            layer.name: conv_per_example(layer, acts[layer.name], out_grads[layer.name])
-            for layer in layers
-            if keeps_per_example(layer, acts[layer.name])
-        }
-        parts = [(layer, acts[layer.name], out_grads[layer.name], kept.get(layer.name)) for layer in layers]
-        norms = jnp.sqrt(sum(layer_norms(layer, a, g, per_example) for layer, a, g, per_example in parts))
+        kept = {layer.name: kept_grads(layer, acts[layer.name], out_grads[layer.name]) for layer in layers}
+        rest = [(layer, acts[layer.name], out_grads[layer.name]) for layer in layers if kept[layer.name] is None]
+        norms = jnp.sqrt(
+            sum(_sq_norms(k) for k in kept.values() if k is not None) + sum(layer_norms(*part) for part in rest)
+        )
         weights = clip(norms, mask)
         grads: Params = {}
-        for layer, a, g, per_example in parts:
-            grads.update(layer_grads(layer, a, g, weights, params, per_example))
+        for per_example in kept.values():
+            if per_example is not None:
+                grads.update({k: jnp.tensordot(weights, v, axes=1) for k, v in per_example.items()})
+        for layer, a, g in rest:
+            grads.update(layer_grads(layer, a, g, weights, params))
         correct = jnp.sum((jnp.argmax(logits, -1) == y).astype(jnp.float32) * mask)
         return {k: grads[k] for k in params}, loss_sum, correct
 

@@ -83,3 +83,45 @@ def test_threefry_noise(benchmark, partitionable):
     finally:
         jax.config.update("jax_threefry_partitionable", before)
     assert out.shape == (11_200_000,)
+
+
+# The Fashion-MNIST CNN's first convolution (one input channel) forward, and its second one's input gradient,
+# at batch 2232: XLA's strided forms against a stride-1 convolution on a space-to-depth input (bk.conv).
+CONV1 = Conv("c", 16, 8, stride=2, padding=3, bias=False)
+
+
+@pytest.mark.benchmark(group="conv-strided-forward")
+@pytest.mark.parametrize("form", ["xla", "space-to-depth"])
+def test_strided_conv_forward(benchmark, form):
+    conv = zoo.conv if form == "xla" else bk.conv
+    p = {"c/kernel": _normal((8, 8, 1, 16))}
+    assert _timed(benchmark, lambda p, x: conv(p, CONV1, x), p, _normal((2232, 28, 28, 1))).shape == (2232, 14, 14, 16)
+
+
+@pytest.mark.benchmark(group="conv-strided-input-gradient")
+@pytest.mark.parametrize("form", ["xla", "space-to-depth"])
+def test_strided_conv_input_gradient(benchmark, form):
+    conv = zoo.conv if form == "xla" else bk.conv
+    p = {"c/kernel": _normal((4, 4, 16, 32)), "c/bias": jnp.zeros(32)}
+    x, g = _normal((2232, 13, 13, 16)), _normal((2232, 5, 5, 32), 1)
+
+    def input_grad(p, x, g):
+        return jax.vjp(lambda x: conv(p, CONV2, x), x)[1](g)[0]
+
+    assert _timed(benchmark, input_grad, p, x, g).shape == x.shape
+
+
+# The CNN's DP (book-keeping) clipped sum at physical batch 2224 in one piece and in backend.slice_count's 16
+# concurrent slices.
+@pytest.mark.benchmark(group="batch-slices")
+@pytest.mark.parametrize("parts", [1, 16])
+def test_batch_slices(benchmark, parts):
+    from backends.jax import backend as jb
+    from bench.models import build_spec, init_params
+
+    spec = build_spec("cnn-tanh", (28, 28, 1), 10)
+    params = {k: jnp.asarray(v) for k, v in init_params(spec, 0).items()}
+    chunk_sum = bk.make_clipped_sum(spec, jb.cross_entropy, lambda n, m: jb.clip_factors(n, 0.1, m))
+    x, y = _normal((2224, 28, 28, 1)), jnp.zeros(2224, jnp.int32)
+    g, _, _ = _timed(benchmark, jb.split_sum(chunk_sum, parts), params, x, y, jnp.ones(2224))
+    assert g.keys() == params.keys()
