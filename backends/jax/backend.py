@@ -137,7 +137,7 @@ MAX_SLICES = 32
 
 def slice_count(physical: int) -> int:
     """How many equal slices `split_sum` cuts a physical batch into on CPU: the fewest of at most SLICE_ROWS
-    rows (measured on 2 cores: 18 slices of the Fashion-MNIST CNN's 2232 rows, 4 of ResNet-18's 320), else
+    rows (16 slices of the speed suite's Fashion-MNIST CNN batch of 2224 rows, 4 of ResNet-18's 320), else
     the most that divide it."""
     divisors = [d for d in range(1, min(physical, MAX_SLICES) + 1) if physical % d == 0]
     return next((d for d in divisors if physical // d <= SLICE_ROWS), divisors[-1])

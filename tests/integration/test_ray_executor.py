@@ -401,7 +401,7 @@ def test_cli_errors(tmp_path: Path):
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_or_sigterm_stops_cleanly_and_resumes(cluster: Cluster, tmp_path: Path, signum: int):
-    suite = write_suite(tmp_path, "stop", epochs=60, backends="[jax]", seeds="[0, 1]", privacy="[{dp: false}]")
+    suite = write_suite(tmp_path, "stop", epochs=600, backends="[jax]", seeds="[0, 1]", privacy="[{dp: false}]")
     proc, run_ids = start_until_training(cluster, suite, tmp_path)
     wait_for(lambda: "] run synthetic-mlp" in (tmp_path / "bench.out").read_text(), 30, "the driver to see it run")
     proc.send_signal(signum)
@@ -414,7 +414,7 @@ def test_ctrl_c_or_sigterm_stops_cleanly_and_resumes(cluster: Cluster, tmp_path:
     resumed = bench("run", str(suite), "--executor", "ray", "--address", cluster.address, cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     df = rows(tmp_path / "results")
-    assert set(df.status) == {"ok"} and (df.groupby("run_id").size() == 60).all()
+    assert set(df.status) == {"ok"} and (df.groupby("run_id").size() == 600).all()
 
 
 def test_a_run_that_asks_for_a_gpu_runs_where_there_is_one(cluster: Cluster, tmp_path: Path):
