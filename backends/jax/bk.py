@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from backends.jax.models import Params, layer_apply, normalize
+from backends.jax.models import Params, conv_kernel, layer_apply, normalize
 from bench.models import Conv, Dense, GroupNorm, Layer, MaxPool, ModelSpec, Residual
 
 Acts = dict[str, jax.Array]
@@ -85,24 +85,17 @@ def _s2d_conv(layer: Conv, kernel: jax.Array, x: jax.Array) -> jax.Array:
     return y[:, :ho, :wo]
 
 
-def _xla_conv(layer: Conv, kernel: jax.Array, x: jax.Array) -> jax.Array:
-    pad = [(layer.padding, layer.padding)] * 2
-    return lax.conv_general_dilated(
-        x, kernel, (layer.stride, layer.stride), pad, dimension_numbers=("NHWC", "HWIO", "NHWC")
-    )
-
-
 def _input_form(layer: Conv) -> Callable[[Conv, jax.Array, jax.Array], jax.Array]:
     """The formulation whose gradient with respect to the input XLA:CPU runs fastest."""
     if layer.stride == 1:
-        return _xla_conv
+        return conv_kernel
     if layer.kernel == 1 and layer.padding == 0:
         return lambda layer, k, x: x[:, :: layer.stride, :: layer.stride] @ k[0, 0]
     return _s2d_conv
 
 
 def _forward_form(layer: Conv, x: jax.Array) -> Callable[[Conv, jax.Array, jax.Array], jax.Array]:
-    return _s2d_conv if layer.stride > 1 and x.shape[-1] <= FEW_CHANNELS else _xla_conv
+    return _s2d_conv if layer.stride > 1 and x.shape[-1] <= FEW_CHANNELS else conv_kernel
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -126,7 +119,7 @@ _conv_op.defvjp(_conv_op_fwd, _conv_op_bwd)
 
 def filter_grad(layer: Conv, x: jax.Array, g: jax.Array, kernel: jax.Array) -> jax.Array:
     """The kernel gradient summed over the batch: XLA's own convolution filter gradient is its fastest form."""
-    _, vjp = jax.vjp(lambda k: _xla_conv(layer, k, x), kernel)
+    _, vjp = jax.vjp(lambda k: conv_kernel(layer, k, x), kernel)
     return vjp(g)[0]
 
 

@@ -15,11 +15,16 @@ Params = dict[str, jax.Array]
 GN_EPS = 1e-5
 
 
-def conv(p: Params, layer: Conv, x: jax.Array) -> jax.Array:
+def conv_kernel(layer: Conv, kernel: jax.Array, x: jax.Array) -> jax.Array:
+    """The convolution without its bias."""
     pad = [(layer.padding, layer.padding)] * 2
-    y = lax.conv_general_dilated(
-        x, p[f"{layer.name}/kernel"], (layer.stride, layer.stride), pad, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    return lax.conv_general_dilated(
+        x, kernel, (layer.stride, layer.stride), pad, dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
+
+
+def conv(p: Params, layer: Conv, x: jax.Array) -> jax.Array:
+    y = conv_kernel(layer, p[f"{layer.name}/kernel"], x)
     return y + p[f"{layer.name}/bias"] if layer.bias else y
 
 

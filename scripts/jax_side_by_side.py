@@ -1,0 +1,77 @@
+"""DP and non-private jax:bk steps timed side by side, alternating in one process, so that machine drift
+cancels out of their ratio (a sweep runs a workload's non-private runs before its DP runs).
+
+    PYTHONPATH=. .envs/jax/bin/python scripts/jax_side_by_side.py [cnn|resnet] [STEPS]
+
+The full jitted step (sliced clipped or plain sum, the noise's own draw, SGD with momentum) at the speed
+suite's physical batch: the CNN on Fashion-MNIST rows, ResNet-18-GN on normal noise.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from backends.jax import backend as jb
+from backends.jax import bk
+from bench.data.loaders import load_raw
+from bench.models import build_spec, init_params
+
+
+def main(workload: str = "cnn", steps: int = 10) -> None:
+    if workload == "cnn":
+        spec, physical, max_norm = build_spec("cnn-tanh", (28, 28, 1), 10), 2224, 0.1
+        raw = load_raw("fashion-mnist")
+        x, y = (raw.x_train[:physical].astype(np.float32) / 255.0 - 0.286) / 0.353, raw.y_train[:physical]
+    else:
+        spec, physical, max_norm = build_spec("resnet18-gn", (32, 32, 3), 10), 320, 1.0
+        x = np.random.default_rng(0).normal(size=(physical, 32, 32, 3)).astype(np.float32)
+        y = np.arange(physical) % 10
+    y, mask = y.astype(np.int32), np.ones(physical, np.float32)
+    params0 = {k: jnp.asarray(v) for k, v in init_params(spec, 0).items()}
+    opt = optax.sgd(0.1, momentum=0.9)
+    parts = jb.slice_count(physical)
+    sums = {
+        "non-private": jb.make_masked_sum(bk.make_apply(spec)),
+        "dp": bk.make_clipped_sum(spec, jb.cross_entropy, lambda n, m: jb.clip_factors(n, max_norm, m)),
+    }
+    shapes = jax.eval_shape(lambda p: p, params0)
+    draw = jax.jit(lambda key: jb.gaussian_noise(key, shapes, max_norm))
+
+    def make_step(total):
+        def step(p, s, noise, x, y, m):
+            g, loss, _ = total(p, x, y, m)
+            g = jax.tree.map(lambda a, z: (a + z) / physical, g, noise)
+            u, s = opt.update(g, s, p)
+            return optax.apply_updates(p, u), s, loss
+
+        return jax.jit(step, donate_argnums=(0, 1))
+
+    fns = {mode: make_step(jb.split_sum(s, parts)) for mode, s in sums.items()}
+    zero = jax.tree.map(jnp.zeros_like, params0)
+    state = {mode: (jax.tree.map(jnp.copy, params0), opt.init(params0)) for mode in fns}
+    times: dict[str, list[float]] = {mode: [] for mode in fns}
+    for i in range(steps + 1):
+        for mode, fn in fns.items():
+            p, s = state[mode]
+            t = time.perf_counter()
+            noise = draw(jax.random.key(i)) if mode == "dp" else zero
+            p, s, loss = fn(p, s, noise, x, y, mask)
+            float(loss)
+            if i:  # the first call compiles
+                times[mode].append(time.perf_counter() - t)
+            state[mode] = (p, s)
+    med = {mode: float(np.median(t)) * 1000 for mode, t in times.items()}
+    print(f"{workload}: physical {physical} in {parts} slices, median of {steps} alternating steps")
+    for mode, ms in med.items():
+        print(f"  {mode:12s} {ms:8.1f} ms")
+    print(f"  DP / non-private {med['dp'] / med['non-private']:.2f}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "cnn", int(sys.argv[2]) if len(sys.argv) > 2 else 10)
