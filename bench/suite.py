@@ -339,7 +339,7 @@ def _workload_runs(
     grid = len(r.seq(w["privacy"], f"{path}.privacy")) * len(backends) * len(seeds)
     if grid > MAX_RUNS:
         raise r.error(f"{path}.privacy", f"{grid} runs", f"at most {MAX_RUNS} runs (privacy x backends x seeds)")
-    runs = []
+    settings: list[tuple[RunSpec, DPConfig]] = []
     for i, setting in enumerate(r.seq(w["privacy"], f"{path}.privacy")):
         p = f"{path}.privacy[{i}]"
         setting = r.mapping(setting, p, FEDERATED_PRIVACY_KEYS if fed is not None else PRIVACY_KEYS)
@@ -384,10 +384,15 @@ def _workload_runs(
             except CalibrationError as e:
                 raise r.error(f"{p}.target_epsilon", dp.target_epsilon, f"a reachable epsilon: {e}") from None
             dp = dataclasses.replace(dp, noise_multiplier=round(sigma, 6))
-        for backend, variant in backends:
-            for seed in seeds:
-                runs.append(dataclasses.replace(probe, dp=dp, backend=backend, variant=variant, seed=seed, perf=perf))
-    return runs
+        settings.append((probe, dp))
+    # A backend's runs of every privacy setting are adjacent, so that a slow spell of a shared machine falls on
+    # both sides of its DP / non-private ratio rather than on one.
+    return [
+        dataclasses.replace(probe, dp=dp, backend=backend, variant=variant, seed=seed, perf=perf)
+        for backend, variant in backends
+        for seed in seeds
+        for probe, dp in settings
+    ]
 
 
 def load_suite(

@@ -3,8 +3,9 @@
 One forward pass records every trainable layer's input; one backward pass, taken to zero "taps" added to the
 layer outputs, gives each layer's output gradients. From those two, per example and per layer, come the gradient
 norms (as a ghost norm, Li et al. 2022, or from the per-example layer gradient, whichever costs less) and then
-the clipped sum: each layer's filter gradient of its clip-weighted output gradients, or, for a first convolution
-whose per-example gradients are small and already formed, their weighted sum. There is no per-example gradient
+the clipped sum: each layer's filter gradient of its clip-weighted output gradients, or, where a layer's
+per-example gradients are small (a GroupNorm, a convolution with few input channels) or formed for its norm
+anyway (`kept_grads`), their weighted sum. There is no per-example gradient
 of the whole model and no second backward pass, so DP costs little more than non-private training.
 
 The model is the zoo's, computed in the forms XLA runs fast (measured on 2 CPU cores by
@@ -18,6 +19,7 @@ inputs) is one matmul on patches, since XLA's CPU convolution is 26x slower ther
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial, reduce
 
 import jax
@@ -57,6 +59,10 @@ def _space_to_depth(x: jax.Array, s: int) -> jax.Array:
 
 
 SMALL_OUTPUT = 4  # output positions (height x width) up to which a convolution is a matmul on patches
+# Per-example kernel gradients formed for a norm are kept for the weighted sum up to this size per batch slice:
+# the CNN's second convolution (4.5 MB for 139 rows) is; ResNet-18's first stage (11.8 MB for 80) is not, as
+# keeping it cut DP time by 7% but raised the step's temporary memory from 367 to 511 MB (281 non-private).
+KEPT_BYTES = 8_000_000
 FEW_CHANNELS = 4  # input channels up to which a convolution's per-example kernel gradients are kept
 
 
@@ -139,30 +145,60 @@ def conv(p: Params, layer: Conv, x: jax.Array) -> jax.Array:
     return y + p[f"{layer.name}/bias"] if layer.bias else y
 
 
-def _offset_blocks(layer: Conv, x: jax.Array, g: jax.Array) -> tuple[list[jax.Array], int]:
-    """Each example's kernel gradient as (N, s*s*C, O) blocks, one per kernel offset, and the padded kernel size.
+def _offset_blocks(layer: Conv, x: jax.Array, g: jax.Array) -> list[jax.Array]:
+    """Each example's kernel gradient as (N, s*s*C, O) blocks, one per kernel offset (`_unblock` reassembles them).
 
     A strided convolution first becomes a stride-1 one on a space-to-depth input, its kernel zero-padded to a
     multiple of the stride: fewer, wider views. No block forms the (N, T, k*k*C) patches.
     """
     _, ho, wo, _ = g.shape
     s = layer.stride
-    k_pad = -(-layer.kernel // s) * s
     x = _pad(x, layer.padding)
     if s > 1:
         x = _space_to_depth(x, s)
-    return [jnp.einsum("bhwc,bhwo->bco", v, g) for v in _windows(x, k_pad // s, 1, ho, wo)], k_pad
+    return [jnp.einsum("bhwc,bhwo->bco", v, g) for v in _windows(x, -(-layer.kernel // s), 1, ho, wo)]
+
+
+def _unblock(layer: Conv, blocks: list[jax.Array], c: int) -> jax.Array:
+    """(..., s*s*C, O) blocks from `_offset_blocks` (or sums of them) -> the (..., k, k, C, O) kernel."""
+    k, s = layer.kernel, layer.stride
+    offsets = -(-k // s)
+    *lead, _, o = blocks[0].shape
+    kernel = jnp.stack(blocks, axis=-3).reshape(*lead, offsets, offsets, s, s, c, o)
+    kernel = jnp.swapaxes(kernel, -5, -4).reshape(*lead, offsets * s, offsets * s, c, o)
+    return kernel[..., :k, :k, :, :]
+
+
+def _channel_patches(layer: Conv, x: jax.Array, ho: int, wo: int) -> jax.Array:
+    """(N, k*k*C, ho*wo): each kernel entry's inputs over the output positions, rows in the HWIO kernel's order.
+    Channel-first, so that each row is copied from contiguous input rows."""
+    k, s = layer.kernel, layer.stride
+    x = _pad(x, layer.padding).transpose(0, 3, 1, 2)
+    views = [x[:, :, i : i + s * (ho - 1) + 1 : s, j : j + s * (wo - 1) + 1 : s] for i in range(k) for j in range(k)]
+    return jnp.stack(views, 1).reshape(x.shape[0], -1, ho * wo)
 
 
 def conv_per_example(layer: Conv, x: jax.Array, g: jax.Array) -> jax.Array:
-    """Each example's kernel gradient, (N, k, k, C, O), from the layer input x and output gradient g."""
-    n, _, _, o = g.shape
-    k, s, c = layer.kernel, layer.stride, x.shape[-1]
-    blocks, k_pad = _offset_blocks(layer, x, g)
-    offsets = k_pad // s
-    # (N, offsets^2, s*s*C, O) -> (N, k_pad, k_pad, C, O): undo the space-to-depth of the kernel.
-    kernel = jnp.stack(blocks, axis=1).reshape(n, offsets, offsets, s, s, c, o).transpose(0, 1, 3, 2, 4, 5, 6)
-    return kernel.reshape(n, k_pad, k_pad, c, o)[:, :k, :k]
+    """Each example's kernel gradient, (N, k, k, C, O), from the layer input x and output gradient g.
+
+    With few input channels, one batched matmul of channel-first patches with the output gradients; with more,
+    a matmul per kernel offset, which needs no patches. Measured on 2 CPU cores, with the norms and weighted sum
+    that use them, in the step's batch slices: the CNN's first convolution 59 -> 48 ms at batch 2224
+    (`conv1-per-example` in tests/benchmarks/test_jax_kernels.py), ResNet-18's 52 -> 41 ms at batch 320; but
+    the norms of a stride-2 3x3 convolution of 64 channels on 8x8 inputs 5 -> 88 ms.
+    """
+    n, ho, wo, o = g.shape
+    k, c = layer.kernel, x.shape[-1]
+    if c <= FEW_CHANNELS:
+        rows = jnp.einsum("bkt,bto->bko", _channel_patches(layer, x, ho, wo), g.reshape(n, ho * wo, o))
+        return rows.reshape(n, k, k, c, o)
+    return _unblock(layer, _offset_blocks(layer, x, g), c)
+
+
+def _ghost_cheaper(layer: Conv, c: int, g: jax.Array) -> bool:
+    """Whether a ghost norm costs less than the per-example kernel gradient (few output positions)."""
+    t, o = g.shape[1] * g.shape[2], g.shape[-1]
+    return 2 * t * (layer.kernel**2 * c + o) < layer.kernel**2 * c * o
 
 
 def conv_sq_norms(layer: Conv, x: jax.Array, g: jax.Array) -> jax.Array:
@@ -172,15 +208,13 @@ def conv_sq_norms(layer: Conv, x: jax.Array, g: jax.Array) -> jax.Array:
     gradient's blocks (any layout has the same norm, unless kernel padding must be cut off first).
     """
     n, ho, wo, o = g.shape
-    k, s, c = layer.kernel, layer.stride, x.shape[-1]
-    t = ho * wo
-    if 2 * t * (k * k * c + o) < k * k * c * o:
-        a = _patches(layer, x, ho, wo).reshape(n, t, -1)
-        g2 = g.reshape(n, t, o)
+    if _ghost_cheaper(layer, x.shape[-1], g):
+        a = _patches(layer, x, ho, wo).reshape(n, ho * wo, -1)
+        g2 = g.reshape(n, ho * wo, o)
         return jnp.sum(jnp.einsum("btk,bsk->bts", a, a) * jnp.einsum("bto,bso->bts", g2, g2), axis=(1, 2))
-    if k % s:
+    if layer.kernel % layer.stride:
         return jnp.sum(conv_per_example(layer, x, g) ** 2, axis=(1, 2, 3, 4))
-    return sum(jnp.sum(block**2, axis=(1, 2)) for block in _offset_blocks(layer, x, g)[0])
+    return sum(jnp.sum(block**2, axis=(1, 2)) for block in _offset_blocks(layer, x, g))
 
 
 def max_pool(layer: MaxPool, x: jax.Array) -> jax.Array:
@@ -238,20 +272,38 @@ def _rows(a: jax.Array) -> jax.Array:
     return a.reshape(a.shape[0], -1, a.shape[-1])
 
 
-def kept_grads(layer: Conv | Dense | GroupNorm, a: jax.Array, g: jax.Array) -> Params | None:
-    """Each example's parameter gradients of a layer where they are small: a GroupNorm's (2C per example) and a
-    first convolution's (few input channels: k*k*C*O). Computed once, they serve both the norm and the weighted
-    sum, cheaper than a second, weighted pass, and the layer's input and output gradients need not be kept
-    until the clipping weights are known. None for the other layers."""
-    name = layer.name
+@dataclass(frozen=True)
+class Kept:
+    """A layer's per-example gradients, formed once to serve both the norm and the weighted sum: `per_example`
+    holds (N, ...) arrays whose squares sum to the norm, `finish` turns their weighted sums into parameters."""
+
+    per_example: dict[str, jax.Array]
+    finish: Callable[[dict[str, jax.Array]], Params] = dict
+
+
+def kept_grads(layer: Conv | Dense | GroupNorm, a: jax.Array, g: jax.Array) -> Kept | None:
+    """Each example's parameter gradients of a layer where they are small, or None (the layer's clipped sum is
+    then a second, weighted filter gradient). Kept: a GroupNorm's (2C per example), a convolution's with few
+    input channels, and those of one whose per-example kernel gradients the norm forms anyway (`_offset_blocks`,
+    at most KEPT_BYTES for the batch): their weighted sum is then cheaper than the filter gradient."""
+    name, key = layer.name, f"{layer.name}/kernel"
     if isinstance(layer, GroupNorm):
-        return {f"{name}/scale": jnp.sum(_rows(g * a), 1), f"{name}/bias": jnp.sum(_rows(g), 1)}
-    if isinstance(layer, Conv) and a.shape[-1] <= FEW_CHANNELS:
-        kept = {f"{name}/kernel": conv_per_example(layer, a, g)}
-        if layer.bias:
-            kept[f"{name}/bias"] = jnp.sum(_rows(g), 1)
-        return kept
-    return None
+        return Kept({f"{name}/scale": jnp.sum(_rows(g * a), 1), f"{name}/bias": jnp.sum(_rows(g), 1)})
+    if not isinstance(layer, Conv):
+        return None
+    bias = {f"{name}/bias": jnp.sum(_rows(g), 1)} if layer.bias else {}
+    c = a.shape[-1]
+    if c <= FEW_CHANNELS:
+        return Kept({key: conv_per_example(layer, a, g), **bias})
+    size = 4 * a.shape[0] * layer.kernel**2 * c * g.shape[-1]
+    if layer.kernel % layer.stride or _ghost_cheaper(layer, c, g) or size > KEPT_BYTES:
+        return None
+    blocks = {f"{key}#{i}": block for i, block in enumerate(_offset_blocks(layer, a, g))}
+
+    def finish(sums: dict[str, jax.Array]) -> Params:
+        return {**sums, key: _unblock(layer, [sums.pop(b) for b in blocks], c)}
+
+    return Kept({**blocks, **bias}, finish)
 
 
 def layer_norms(layer: Conv | Dense, a: jax.Array, g: jax.Array) -> jax.Array:
@@ -279,8 +331,8 @@ def layer_grads(layer: Conv | Dense, a: jax.Array, g: jax.Array, weights: jax.Ar
     return out
 
 
-def _sq_norms(per_example: Params) -> jax.Array:
-    return sum(jnp.sum(v.reshape(v.shape[0], -1) ** 2, 1) for v in per_example.values())
+def _sq_norms(kept: Kept) -> jax.Array:
+    return sum(jnp.sum(v.reshape(v.shape[0], -1) ** 2, 1) for v in kept.per_example.values())
 
 
 def _trainable_layers(layers: tuple[Layer, ...]) -> list[Conv | Dense | GroupNorm]:
@@ -318,9 +370,9 @@ def make_clipped_sum(spec: ModelSpec, loss_fn: Callable, clip: Callable) -> Call
         )
         weights = clip(norms, mask)
         grads: Params = {}
-        for per_example in kept.values():
-            if per_example is not None:
-                grads.update({k: jnp.tensordot(weights, v, axes=1) for k, v in per_example.items()})
+        for k in kept.values():
+            if k is not None:
+                grads.update(k.finish({name: jnp.tensordot(weights, v, axes=1) for name, v in k.per_example.items()}))
         for layer, a, g in rest:
             grads.update(layer_grads(layer, a, g, weights, params))
         correct = jnp.sum((jnp.argmax(logits, -1) == y).astype(jnp.float32) * mask)

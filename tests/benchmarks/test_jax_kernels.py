@@ -125,3 +125,47 @@ def test_batch_slices(benchmark, parts):
     x, y = _normal((2224, 28, 28, 1)), jnp.zeros(2224, jnp.int32)
     g, _, _ = _timed(benchmark, jb.split_sum(chunk_sum, parts), params, x, y, jnp.ones(2224))
     assert g.keys() == params.keys()
+
+
+# The CNN's per-example work in the DP step at physical batch 2224, in backend.slice_count's 16 slices: each
+# example's kernel gradients, their squared norms and their weighted sum (the norms standing in for the weights).
+def _sliced(fn, parts=16):
+    def run(x, g):
+        n = x.shape[0] // parts
+        return sum(fn(x[i * n : (i + 1) * n], g[i * n : (i + 1) * n]) for i in range(parts))
+
+    return run
+
+
+def _kept_sum(per_example):
+    """Per-example arrays -> their norm-weighted sum (the kept path's work after forming them)."""
+    norms = sum(jnp.sum(p.reshape(p.shape[0], -1) ** 2, 1) for p in per_example)
+    return [jnp.tensordot(norms, p, axes=1) for p in per_example]
+
+
+@pytest.mark.benchmark(group="conv1-per-example")
+@pytest.mark.parametrize("form", ["offset-blocks", "channel-patches"])
+def test_first_conv_per_example(benchmark, form):
+    def kept(x, g):
+        if form == "channel-patches":
+            return _kept_sum([bk.conv_per_example(CONV1, x, g)])[0]
+        return _kept_sum([bk._unblock(CONV1, bk._offset_blocks(CONV1, x, g), 1)])[0]
+
+    x, g = _normal((2224, 28, 28, 1)), _normal((2224, 14, 14, 16), 1)
+    assert _timed(benchmark, _sliced(kept), x, g).shape == (8, 8, 1, 16)
+
+
+@pytest.mark.benchmark(group="conv2-clipped-sum")
+@pytest.mark.parametrize("form", ["weighted-filter-gradient", "kept-blocks"])
+def test_second_conv_clipped_sum(benchmark, form):
+    k = _normal((4, 4, 16, 32), 3)
+    layer = Conv("c", 32, 4, stride=2, bias=False)
+
+    def clipped(x, g):
+        if form == "kept-blocks":
+            return bk._unblock(layer, _kept_sum(bk._offset_blocks(layer, x, g)), 16)
+        norms = bk.conv_sq_norms(layer, x, g)
+        return bk.filter_grad(layer, x, g * norms[:, None, None, None], k)
+
+    x, g = _normal((2224, 13, 13, 16)), _normal((2224, 5, 5, 32), 1)
+    assert _timed(benchmark, _sliced(clipped), x, g).shape == k.shape

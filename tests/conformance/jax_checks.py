@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -66,6 +67,56 @@ def check_conv_forms() -> None:
         _conv_form(seed, *conv)
 
 
+def _per_example_case(seed: int, k: int, s: int, pad: int, c: int, o: int, h: int) -> None:
+    layer = Conv("c", o, k, stride=s, padding=pad, bias=False)
+    kernel, x = _normal(seed, (k, k, c, o)), _normal(seed + 200, (5, h, h, c))
+    g = _normal(seed + 300, jax.eval_shape(lambda x: zoo.conv_kernel(layer, kernel, x), x).shape)
+    want = jax.vmap(lambda x, g: bk.filter_grad(layer, x[None], g[None], kernel))(x, g)
+    _close(f"kernel {k} stride {s} channels {c}", jax.jit(partial(bk.conv_per_example, layer))(x, g), want)
+
+
+def check_per_example() -> None:
+    """bk.conv_per_example (channel-first patches for few channels, kernel-offset blocks for more) equals each
+    example's XLA filter gradient."""
+    for seed, conv in enumerate(CONVS):
+        _per_example_case(seed, *conv)
+
+
+def _clipped_sum_case(model: str, shape: tuple[int, int, int], max_norm: float) -> None:
+    spec = build_spec(model, shape, 10)
+    params = {k: jnp.asarray(v) for k, v in init_params(spec, 0).items()}
+    x, y = _normal(2, (5, *shape)), jnp.arange(5, dtype=jnp.int32)
+    mask = jnp.asarray([1.0] * 4 + [0.0])
+    apply = zoo.make_apply(spec)
+
+    def loss(p: dict, x: jax.Array, y: jax.Array) -> jax.Array:
+        return jb.cross_entropy(apply(p, x[None]), y[None])[0]
+
+    def clip(norms: jax.Array, mask: jax.Array) -> jax.Array:
+        return jb.clip_factors(norms, max_norm, mask)
+
+    per_example = jax.vmap(jax.grad(loss), in_axes=(None, 0, 0))(params, x, y)
+    weights = clip(jb.global_norms(per_example), mask)
+    want = {k: jnp.tensordot(weights, v, axes=1) for k, v in per_example.items()}
+    default = bk.KEPT_BYTES
+    for kept_bytes in (0, 10**12):
+        bk.KEPT_BYTES = kept_bytes
+        try:
+            got, _, _ = jax.jit(bk.make_clipped_sum(spec, jb.cross_entropy, clip))(params, x, y, mask)
+        finally:
+            bk.KEPT_BYTES = default
+        for k in params:
+            _close(f"{model}, KEPT_BYTES {kept_bytes}: {k}", got[k], want[k], rtol=1e-4)
+
+
+def check_clipped_sum() -> None:
+    """The book-keeping clipped sum equals clipping vmap's per-example gradients, with per-example kernel
+    gradients kept for every convolution that allows it and for only those with few input channels
+    (bk.KEPT_BYTES)."""
+    _clipped_sum_case("cnn-tanh", (28, 28, 1), 0.5)
+    _clipped_sum_case("resnet18-gn", (32, 32, 3), 5.0)
+
+
 def check_split_sum() -> None:
     """Summing over 2, 3 or 4 slices of a batch gives the one-slice sums, DP (bk) and non-private."""
     spec = build_spec("cnn-tanh", (28, 28, 1), 10)
@@ -106,6 +157,8 @@ def check_xla_flags() -> None:
 
 CHECKS = {
     "conv_forms": check_conv_forms,
+    "per_example": check_per_example,
+    "clipped_sum": check_clipped_sum,
     "split_sum": check_split_sum,
     "slice_count": check_slice_count,
     "xla_flags": check_xla_flags,

@@ -91,7 +91,7 @@ def test_dry_run_probes_each_distinct_cost_once_and_projects_every_run(capsys, s
     rows = _table(out)
     assert len(rows) == 6
     projected = [line.split()[-2] for line in rows]
-    assert projected == ["28s", "28s", "oom", "oom", "oom", "oom"]  # 4 + 5 + 19 x 1 s
+    assert projected == ["28s", "oom", "oom", "28s", "oom", "oom"]  # 4 + 5 + 19 x 1 s; per seed, privacy in order
     assert "projected" in out.splitlines()[3]
     assert "would exceed" not in out
     assert not (suite_file.parent / "r").exists() or not list((suite_file.parent / "r").rglob("*.parquet"))
