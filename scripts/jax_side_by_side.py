@@ -1,15 +1,16 @@
 """DP and non-private jax:bk steps timed side by side, alternating in one process, so that machine drift
-cancels out of their ratio (a sweep runs a workload's non-private runs before its DP runs).
+cancels out of their ratio; and each step's compiled temporary buffer, XLA's own count of its working memory.
 
-    PYTHONPATH=. .envs/jax/bin/python scripts/jax_side_by_side.py [cnn|resnet] [STEPS]
+    PYTHONPATH=. .envs/jax/bin/python scripts/jax_side_by_side.py [cnn|resnet] [--steps N] [--kept-bytes B]
 
 The full jitted step (sliced clipped or plain sum, the noise's own draw, SGD with momentum) at the speed
-suite's physical batch: the CNN on Fashion-MNIST rows, ResNet-18-GN on normal noise.
+suite's physical batch: the CNN on Fashion-MNIST rows, ResNet-18-GN on normal noise. `--kept-bytes` overrides
+bk.KEPT_BYTES, to measure that choice; XLA_FLAGS is passed to XLA as set (see backends/jax/__init__.py).
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 import time
 
 import jax
@@ -23,7 +24,7 @@ from bench.data.loaders import load_raw
 from bench.models import build_spec, init_params
 
 
-def main(workload: str = "cnn", steps: int = 10) -> None:
+def main(workload: str, steps: int) -> None:
     if workload == "cnn":
         spec, physical, max_norm = build_spec("cnn-tanh", (28, 28, 1), 10), 2224, 0.1
         raw = load_raw("fashion-mnist")
@@ -54,6 +55,10 @@ def main(workload: str = "cnn", steps: int = 10) -> None:
 
     fns = {mode: make_step(jb.split_sum(s, parts)) for mode, s in sums.items()}
     zero = jax.tree.map(jnp.zeros_like, params0)
+    temp = {
+        mode: fn.lower(params0, opt.init(params0), zero, x, y, mask).compile().memory_analysis().temp_size_in_bytes
+        for mode, fn in fns.items()
+    }
     state = {mode: (jax.tree.map(jnp.copy, params0), opt.init(params0)) for mode in fns}
     times: dict[str, list[float]] = {mode: [] for mode in fns}
     for i in range(steps + 1):
@@ -69,9 +74,16 @@ def main(workload: str = "cnn", steps: int = 10) -> None:
     med = {mode: float(np.median(t)) * 1000 for mode, t in times.items()}
     print(f"{workload}: physical {physical} in {parts} slices, median of {steps} alternating steps")
     for mode, ms in med.items():
-        print(f"  {mode:12s} {ms:8.1f} ms")
+        print(f"  {mode:12s} {ms:8.1f} ms   compiled temporary buffer {temp[mode] / 1e6:6.0f} MB")
     print(f"  DP / non-private {med['dp'] / med['non-private']:.2f}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "cnn", int(sys.argv[2]) if len(sys.argv) > 2 else 10)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("workload", nargs="?", choices=["cnn", "resnet"], default="cnn")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps of each mode (default 10)")
+    parser.add_argument("--kept-bytes", type=int, help=f"bk.KEPT_BYTES for this run (default {bk.KEPT_BYTES})")
+    args = parser.parse_args()
+    if args.kept_bytes is not None:
+        bk.KEPT_BYTES = args.kept_bytes
+    main(args.workload, args.steps)

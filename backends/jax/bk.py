@@ -159,14 +159,32 @@ def _offset_blocks(layer: Conv, x: jax.Array, g: jax.Array) -> list[jax.Array]:
     return [jnp.einsum("bhwc,bhwo->bco", v, g) for v in _windows(x, -(-layer.kernel // s), 1, ho, wo)]
 
 
-def _unblock(layer: Conv, blocks: list[jax.Array], c: int) -> jax.Array:
-    """(..., s*s*C, O) blocks from `_offset_blocks` (or sums of them) -> the (..., k, k, C, O) kernel."""
+def _unblock(layer: Conv, blocks: jax.Array, c: int) -> jax.Array:
+    """(..., offsets^2, s*s*C, O) kernel-offset blocks (or sums of them) -> the (..., k, k, C, O) kernel."""
     k, s = layer.kernel, layer.stride
     offsets = -(-k // s)
-    *lead, _, o = blocks[0].shape
-    kernel = jnp.stack(blocks, axis=-3).reshape(*lead, offsets, offsets, s, s, c, o)
+    *lead, _, _, o = blocks.shape
+    kernel = blocks.reshape(*lead, offsets, offsets, s, s, c, o)
     kernel = jnp.swapaxes(kernel, -5, -4).reshape(*lead, offsets * s, offsets * s, c, o)
     return kernel[..., :k, :k, :, :]
+
+
+def _channel_first_blocks(layer: Conv, x: jax.Array, g: jax.Array) -> jax.Array:
+    """The `_offset_blocks` of few input channels as one (N, offsets^2, s*s*C, O) batched matmul of channel-first
+    patches of the space-to-depth input: each patch row is then a copy of contiguous input rows. With the norms
+    and weighted sum, the CNN's first convolution at batch 2224 in 16 slices: 47 ms as offset blocks, 31 as
+    `conv_per_example`'s patches, 30 in this form (fastest of 5, `conv1-per-example` in
+    tests/benchmarks/test_jax_kernels.py); in the whole DP step, this form was 5% faster than the patches."""
+    n, ho, wo, o = g.shape
+    s = layer.stride
+    offsets = -(-layer.kernel // s)
+    x = _pad(x, layer.padding)
+    if s > 1:
+        x = _space_to_depth(x, s)
+    x = x.transpose(0, 3, 1, 2)
+    views = [x[:, :, i : i + ho, j : j + wo] for i in range(offsets) for j in range(offsets)]
+    patches = jnp.stack(views, 1).reshape(n, offsets**2, x.shape[1], ho * wo)
+    return jnp.einsum("bmct,bto->bmco", patches, g.reshape(n, ho * wo, o))
 
 
 def _channel_patches(layer: Conv, x: jax.Array, ho: int, wo: int) -> jax.Array:
@@ -183,16 +201,15 @@ def conv_per_example(layer: Conv, x: jax.Array, g: jax.Array) -> jax.Array:
 
     With few input channels, one batched matmul of channel-first patches with the output gradients; with more,
     a matmul per kernel offset, which needs no patches. Measured on 2 CPU cores, with the norms and weighted sum
-    that use them, in the step's batch slices: the CNN's first convolution 59 -> 48 ms at batch 2224
-    (`conv1-per-example` in tests/benchmarks/test_jax_kernels.py), ResNet-18's 52 -> 41 ms at batch 320; but
-    the norms of a stride-2 3x3 convolution of 64 channels on 8x8 inputs 5 -> 88 ms.
+    that use them, in the step's batch slices: ResNet-18's first convolution (7x7, stride 2) 52 -> 41 ms at
+    batch 320; but the norms of a stride-2 3x3 convolution of 64 channels on 8x8 inputs 5 -> 88 ms.
     """
     n, ho, wo, o = g.shape
     k, c = layer.kernel, x.shape[-1]
     if c <= FEW_CHANNELS:
         rows = jnp.einsum("bkt,bto->bko", _channel_patches(layer, x, ho, wo), g.reshape(n, ho * wo, o))
         return rows.reshape(n, k, k, c, o)
-    return _unblock(layer, _offset_blocks(layer, x, g), c)
+    return _unblock(layer, jnp.stack(_offset_blocks(layer, x, g), 1), c)
 
 
 def _ghost_cheaper(layer: Conv, c: int, g: jax.Array) -> bool:
@@ -285,7 +302,9 @@ def kept_grads(layer: Conv | Dense | GroupNorm, a: jax.Array, g: jax.Array) -> K
     """Each example's parameter gradients of a layer where they are small, or None (the layer's clipped sum is
     then a second, weighted filter gradient). Kept: a GroupNorm's (2C per example), a convolution's with few
     input channels, and those of one whose per-example kernel gradients the norm forms anyway (`_offset_blocks`,
-    at most KEPT_BYTES for the batch): their weighted sum is then cheaper than the filter gradient."""
+    at most KEPT_BYTES for the batch): their weighted sum is then cheaper than the filter gradient. Kernel
+    gradients are kept as offset blocks where the kernel size is a multiple of the stride, and `finish`
+    reassembles only their weighted sum."""
     name, key = layer.name, f"{layer.name}/kernel"
     if isinstance(layer, GroupNorm):
         return Kept({f"{name}/scale": jnp.sum(_rows(g * a), 1), f"{name}/bias": jnp.sum(_rows(g), 1)})
@@ -293,17 +312,17 @@ def kept_grads(layer: Conv | Dense | GroupNorm, a: jax.Array, g: jax.Array) -> K
         return None
     bias = {f"{name}/bias": jnp.sum(_rows(g), 1)} if layer.bias else {}
     c = a.shape[-1]
-    if c <= FEW_CHANNELS:
-        return Kept({key: conv_per_example(layer, a, g), **bias})
-    size = 4 * a.shape[0] * layer.kernel**2 * c * g.shape[-1]
-    if layer.kernel % layer.stride or _ghost_cheaper(layer, c, g) or size > KEPT_BYTES:
-        return None
-    blocks = {f"{key}#{i}": block for i, block in enumerate(_offset_blocks(layer, a, g))}
 
     def finish(sums: dict[str, jax.Array]) -> Params:
-        return {**sums, key: _unblock(layer, [sums.pop(b) for b in blocks], c)}
+        return {**sums, key: _unblock(layer, sums[key], c)}
 
-    return Kept({**blocks, **bias}, finish)
+    if layer.kernel % layer.stride:  # kernel blocks would hold padding: kept only with few channels, as is
+        return Kept({key: conv_per_example(layer, a, g), **bias}) if c <= FEW_CHANNELS else None
+    if c <= FEW_CHANNELS:
+        return Kept({key: _channel_first_blocks(layer, a, g), **bias}, finish)
+    if _ghost_cheaper(layer, c, g) or 4 * a.shape[0] * layer.kernel**2 * c * g.shape[-1] > KEPT_BYTES:
+        return None
+    return Kept({key: jnp.stack(_offset_blocks(layer, a, g), 1), **bias}, finish)
 
 
 def layer_norms(layer: Conv | Dense, a: jax.Array, g: jax.Array) -> jax.Array:

@@ -144,12 +144,15 @@ def _kept_sum(per_example):
 
 
 @pytest.mark.benchmark(group="conv1-per-example")
-@pytest.mark.parametrize("form", ["offset-blocks", "channel-patches"])
+@pytest.mark.parametrize("form", ["offset-blocks", "channel-patches", "channel-first-blocks"])
 def test_first_conv_per_example(benchmark, form):
     def kept(x, g):
         if form == "channel-patches":
             return _kept_sum([bk.conv_per_example(CONV1, x, g)])[0]
-        return _kept_sum([bk._unblock(CONV1, bk._offset_blocks(CONV1, x, g), 1)])[0]
+        blocks = jnp.stack(bk._offset_blocks(CONV1, x, g), 1) if form == "offset-blocks" else None
+        if form == "channel-first-blocks":
+            blocks = bk._channel_first_blocks(CONV1, x, g)
+        return bk._unblock(CONV1, _kept_sum([blocks])[0], 1)
 
     x, g = _normal((2224, 28, 28, 1)), _normal((2224, 14, 14, 16), 1)
     assert _timed(benchmark, _sliced(kept), x, g).shape == (8, 8, 1, 16)
@@ -163,7 +166,7 @@ def test_second_conv_clipped_sum(benchmark, form):
 
     def clipped(x, g):
         if form == "kept-blocks":
-            return bk._unblock(layer, _kept_sum(bk._offset_blocks(layer, x, g)), 16)
+            return bk._unblock(layer, _kept_sum([jnp.stack(bk._offset_blocks(layer, x, g), 1)])[0], 16)
         norms = bk.conv_sq_norms(layer, x, g)
         return bk.filter_grad(layer, x, g * norms[:, None, None, None], k)
 

@@ -73,11 +73,14 @@ def _per_example_case(seed: int, k: int, s: int, pad: int, c: int, o: int, h: in
     g = _normal(seed + 300, jax.eval_shape(lambda x: zoo.conv_kernel(layer, kernel, x), x).shape)
     want = jax.vmap(lambda x, g: bk.filter_grad(layer, x[None], g[None], kernel))(x, g)
     _close(f"kernel {k} stride {s} channels {c}", jax.jit(partial(bk.conv_per_example, layer))(x, g), want)
+    if k % s == 0:
+        blocks = jax.jit(partial(bk._channel_first_blocks, layer))(x, g)
+        _close(f"kernel {k} stride {s} channels {c}, channel-first blocks", bk._unblock(layer, blocks, c), want)
 
 
 def check_per_example() -> None:
-    """bk.conv_per_example (channel-first patches for few channels, kernel-offset blocks for more) equals each
-    example's XLA filter gradient."""
+    """bk.conv_per_example (channel-first patches for few channels, kernel-offset blocks for more), and the
+    channel-first blocks of a kernel that is a multiple of its stride, equal each example's XLA filter gradient."""
     for seed, conv in enumerate(CONVS):
         _per_example_case(seed, *conv)
 
