@@ -158,6 +158,23 @@ def test_first_conv_per_example(benchmark, form):
     assert _timed(benchmark, _sliced(kept), x, g).shape == (8, 8, 1, 16)
 
 
+# ResNet-18's first convolution (7x7, stride 2, 3 channels: its kernel is not a multiple of its stride, so its
+# per-example gradients are kept as `conv_per_example` gives them) at physical batch 320 in 4 slices.
+RESNET_CONV1 = Conv("c", 64, 7, stride=2, padding=3, bias=False)
+
+
+@pytest.mark.benchmark(group="resnet-conv1-per-example")
+@pytest.mark.parametrize("form", ["offset-blocks", "channel-patches"])
+def test_resnet_first_conv_per_example(benchmark, form):
+    def kept(x, g):
+        if form == "channel-patches":
+            return _kept_sum([bk.conv_per_example(RESNET_CONV1, x, g)])[0]
+        return _kept_sum([bk._unblock(RESNET_CONV1, jnp.stack(bk._offset_blocks(RESNET_CONV1, x, g), 1), 3)])[0]
+
+    x, g = _normal((320, 32, 32, 3)), _normal((320, 16, 16, 64), 1)
+    assert _timed(benchmark, _sliced(kept, parts=4), x, g).shape == (7, 7, 3, 64)
+
+
 @pytest.mark.benchmark(group="conv2-clipped-sum")
 @pytest.mark.parametrize("form", ["weighted-filter-gradient", "kept-blocks"])
 def test_second_conv_clipped_sum(benchmark, form):
