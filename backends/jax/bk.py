@@ -60,8 +60,9 @@ def _space_to_depth(x: jax.Array, s: int) -> jax.Array:
 
 SMALL_OUTPUT = 4  # output positions (height x width) up to which a convolution is a matmul on patches
 # Per-example kernel gradients formed for a norm are kept for the weighted sum up to this size per batch slice:
-# the CNN's second convolution (4.5 MB for 139 rows) is; ResNet-18's first stage (11.8 MB for 80) is not, as
-# keeping it cut DP time by 7% but raised the step's temporary memory from 367 to 511 MB (281 non-private).
+# the CNN's second convolution (4.5 MB for 139 rows) is; ResNet-18's first stage (11.8 MB for 80) is not: kept,
+# its DP / non-private step went from 1.07 to 1.05 but the DP step's temporary buffer from 392 to 530 MB (304
+# non-private), measured by `scripts/jax_side_by_side.py resnet --kept-bytes 16000000`.
 KEPT_BYTES = 8_000_000
 FEW_CHANNELS = 4  # input channels up to which a convolution's per-example kernel gradients are kept
 
@@ -172,8 +173,8 @@ def _unblock(layer: Conv, blocks: jax.Array, c: int) -> jax.Array:
 def _channel_first_blocks(layer: Conv, x: jax.Array, g: jax.Array) -> jax.Array:
     """The `_offset_blocks` of few input channels as one (N, offsets^2, s*s*C, O) batched matmul of channel-first
     patches of the space-to-depth input: each patch row is then a copy of contiguous input rows. With the norms
-    and weighted sum, the CNN's first convolution at batch 2224 in 16 slices: 47 ms as offset blocks, 31 as
-    `conv_per_example`'s patches, 30 in this form (fastest of 5, `conv1-per-example` in
+    and weighted sum, the CNN's first convolution at batch 2224 in 16 slices: 49 ms as offset blocks, 38 as
+    `conv_per_example`'s patches, 34 in this form (medians, `conv1-per-example` in
     tests/benchmarks/test_jax_kernels.py); in the whole DP step, this form was 5% faster than the patches."""
     n, ho, wo, o = g.shape
     s = layer.stride
@@ -201,8 +202,9 @@ def conv_per_example(layer: Conv, x: jax.Array, g: jax.Array) -> jax.Array:
 
     With few input channels, one batched matmul of channel-first patches with the output gradients; with more,
     a matmul per kernel offset, which needs no patches. Measured on 2 CPU cores, with the norms and weighted sum
-    that use them, in the step's batch slices: ResNet-18's first convolution (7x7, stride 2) 52 -> 41 ms at
-    batch 320; but the norms of a stride-2 3x3 convolution of 64 channels on 8x8 inputs 5 -> 88 ms.
+    that use them, in the step's batch slices: ResNet-18's first convolution (7x7, stride 2) 44 -> 39 ms at
+    batch 320 (`resnet-conv1-per-example` in tests/benchmarks/test_jax_kernels.py); but the norms of a
+    stride-2 3x3 convolution of 64 channels on 8x8 inputs 5 -> 88 ms.
     """
     n, ho, wo, o = g.shape
     k, c = layer.kernel, x.shape[-1]
@@ -320,7 +322,7 @@ def kept_grads(layer: Conv | Dense | GroupNorm, a: jax.Array, g: jax.Array) -> K
         return Kept({key: conv_per_example(layer, a, g), **bias}) if c <= FEW_CHANNELS else None
     if c <= FEW_CHANNELS:
         return Kept({key: _channel_first_blocks(layer, a, g), **bias}, finish)
-    if _ghost_cheaper(layer, c, g) or 4 * a.shape[0] * layer.kernel**2 * c * g.shape[-1] > KEPT_BYTES:
+    if _ghost_cheaper(layer, c, g) or a.dtype.itemsize * a.shape[0] * layer.kernel**2 * c * g.shape[-1] > KEPT_BYTES:
         return None
     return Kept({key: jnp.stack(_offset_blocks(layer, a, g), 1), **bias}, finish)
 
@@ -385,13 +387,15 @@ def make_clipped_sum(spec: ModelSpec, loss_fn: Callable, clip: Callable) -> Call
         kept = {layer.name: kept_grads(layer, acts[layer.name], out_grads[layer.name]) for layer in layers}
         rest = [(layer, acts[layer.name], out_grads[layer.name]) for layer in layers if kept[layer.name] is None]
         norms = jnp.sqrt(
-            sum(_sq_norms(k) for k in kept.values() if k is not None) + sum(layer_norms(*part) for part in rest)
+            sum(_sq_norms(part) for part in kept.values() if part is not None)
+            + sum(layer_norms(*part) for part in rest)
         )
         weights = clip(norms, mask)
         grads: Params = {}
-        for k in kept.values():
-            if k is not None:
-                grads.update(k.finish({name: jnp.tensordot(weights, v, axes=1) for name, v in k.per_example.items()}))
+        for part in kept.values():
+            if part is not None:
+                sums = {name: jnp.tensordot(weights, v, axes=1) for name, v in part.per_example.items()}
+                grads.update(part.finish(sums))
         for layer, a, g in rest:
             grads.update(layer_grads(layer, a, g, weights, params))
         correct = jnp.sum((jnp.argmax(logits, -1) == y).astype(jnp.float32) * mask)
