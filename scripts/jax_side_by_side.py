@@ -2,10 +2,12 @@
 cancels out of their ratio; and each step's compiled temporary buffer, XLA's own count of its working memory.
 
     PYTHONPATH=. .envs/jax/bin/python scripts/jax_side_by_side.py [cnn|resnet] [--steps N] [--kept-bytes B]
+        [--set NAME=VALUE]...
 
 The full jitted step (sliced clipped or plain sum, the noise's own draw, SGD with momentum) at the speed
-suite's physical batch: the CNN on Fashion-MNIST rows, ResNet-18-GN on normal noise. `--kept-bytes` overrides
-bk.KEPT_BYTES, to measure that choice; XLA_FLAGS is passed to XLA as set (see backends/jax/__init__.py).
+suite's physical batch: the CNN on Fashion-MNIST rows, ResNet-18-GN on normal noise. Each `--set KEPT_BYTES=0`
+(any integer constant of bk.py) adds a step, DP compiled with that constant, to measure a choice against the
+default in the same process; XLA_FLAGS is passed to XLA as set (see backends/jax/__init__.py).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from bench.data.loaders import load_raw
 from bench.models import build_spec, init_params
 
 
-def main(workload: str, steps: int) -> None:
+def main(workload: str, steps: int, overrides: list[tuple[str, int]]) -> None:
     if workload == "cnn":
         spec, physical, max_norm = build_spec("cnn-tanh", (28, 28, 1), 10), 2224, 0.1
         raw = load_raw("fashion-mnist")
@@ -53,37 +55,59 @@ def main(workload: str, steps: int) -> None:
 
         return jax.jit(step, donate_argnums=(0, 1))
 
-    fns = {mode: make_step(jb.split_sum(s, parts)) for mode, s in sums.items()}
+    steps_of = {mode: make_step(jb.split_sum(s, parts)) for mode, s in sums.items()}
     zero = jax.tree.map(jnp.zeros_like, params0)
-    temp = {
-        mode: fn.lower(params0, opt.init(params0), zero, x, y, mask).compile().memory_analysis().temp_size_in_bytes
-        for mode, fn in fns.items()
-    }
+    args = (params0, opt.init(params0), zero, x, y, mask)
+    fns = {mode: fn.lower(*args).compile() for mode, fn in steps_of.items()}
+    for name, value in overrides:
+        default = getattr(bk, name)
+        setattr(bk, name, value)
+        try:
+            dp = bk.make_clipped_sum(spec, jb.cross_entropy, lambda n, m: jb.clip_factors(n, max_norm, m))
+            fns[f"dp {name}={value}"] = make_step(jb.split_sum(dp, parts)).lower(*args).compile()
+        finally:
+            setattr(bk, name, default)
+    temp = {mode: fn.memory_analysis().temp_size_in_bytes for mode, fn in fns.items()}
     state = {mode: (jax.tree.map(jnp.copy, params0), opt.init(params0)) for mode in fns}
     times: dict[str, list[float]] = {mode: [] for mode in fns}
     for i in range(steps + 1):
         for mode, fn in fns.items():
             p, s = state[mode]
             t = time.perf_counter()
-            noise = draw(jax.random.key(i)) if mode == "dp" else zero
+            noise = zero if mode == "non-private" else draw(jax.random.key(i))
             p, s, loss = fn(p, s, noise, x, y, mask)
             float(loss)
-            if i:  # the first call compiles
+            if i:  # the first call warms up
                 times[mode].append(time.perf_counter() - t)
             state[mode] = (p, s)
     med = {mode: float(np.median(t)) * 1000 for mode, t in times.items()}
     print(f"{workload}: physical {physical} in {parts} slices, median of {steps} alternating steps")
+    width = max(map(len, med))
     for mode, ms in med.items():
-        print(f"  {mode:12s} {ms:8.1f} ms   compiled temporary buffer {temp[mode] / 1e6:6.0f} MB")
-    print(f"  DP / non-private {med['dp'] / med['non-private']:.2f}")
+        ratio = f"   {ms / med['non-private']:.2f}x non-private" if mode != "non-private" else ""
+        print(f"  {mode:{width}s} {ms:8.1f} ms   compiled temporary buffer {temp[mode] / 1e6:6.0f} MB{ratio}")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workload", nargs="?", choices=["cnn", "resnet"], default="cnn")
     parser.add_argument("--steps", type=int, default=10, help="timed steps of each mode (default 10)")
-    parser.add_argument("--kept-bytes", type=int, help=f"bk.KEPT_BYTES for this run (default {bk.KEPT_BYTES})")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an extra DP step, compiled with this integer constant of bk.py (KEPT_BYTES, CHANNEL_FIRST_CHANNELS, ...)",
+    )
+    parser.add_argument("--kept-bytes", type=int, help=f"bk.KEPT_BYTES for every step (default {bk.KEPT_BYTES})")
     args = parser.parse_args()
     if args.kept_bytes is not None:
         bk.KEPT_BYTES = args.kept_bytes
-    main(args.workload, args.steps)
+    overrides = []
+    for item in args.set:
+        name, _, value = item.partition("=")
+        if not isinstance(getattr(bk, name, None), int) or not value.lstrip("-").isdigit():
+            known = ", ".join(k for k, v in vars(bk).items() if k.isupper() and isinstance(v, int))
+            parser.error(f"--set {item!r}: expected NAME=INTEGER with NAME one of bk.py's constants ({known})")
+        overrides.append((name, int(value)))
+    main(args.workload, args.steps, overrides)

@@ -170,31 +170,35 @@ def _unblock(layer: Conv, blocks: jax.Array, c: int) -> jax.Array:
     return kernel[..., :k, :k, :, :]
 
 
+def _channel_first_patches(x: jax.Array, count: int, step: int, ho: int, wo: int) -> jax.Array:
+    """(N, count*count*C, ho*wo): the count x count strided windows of a channel-first (N, C, H, W) input, rows
+    in (row offset, column offset, channel) order. The column windows are copied first, then whole planes of
+    them per row offset, rather than one strided view per kernel offset: XLA's CPU back end copies the short
+    rows of count*count views and then stacks them, 1.5x slower for the CNN's first convolution's per-example
+    gradients with their norms and weighted sum (`conv1-per-example` in tests/benchmarks/test_jax_kernels.py),
+    and the whole DP step 2.5-4.8% slower (three runs of `scripts/jax_side_by_side.py cnn`, the two forms
+    switched by a temporary constant)."""
+    n = x.shape[0]
+    cols = jnp.concatenate([x[..., j : j + step * (wo - 1) + 1 : step] for j in range(count)], 1)
+    rows = [cols[:, :, i : i + step * (ho - 1) + 1 : step] for i in range(count)]
+    return jnp.concatenate(rows, 1).reshape(n, -1, ho * wo)
+
+
 def _channel_first_blocks(layer: Conv, x: jax.Array, g: jax.Array) -> jax.Array:
-    """The `_offset_blocks` of few input channels as one (N, offsets^2, s*s*C, O) batched matmul of channel-first
-    patches of the space-to-depth input: each patch row is then a copy of contiguous input rows. With the norms
-    and weighted sum, the CNN's first convolution at batch 2224 in 16 slices: 49 ms as offset blocks, 38 as
-    `conv_per_example`'s patches, 34 in this form (medians, `conv1-per-example` in
-    tests/benchmarks/test_jax_kernels.py); in the whole DP step, this form was 5% faster than the patches."""
+    """The `_offset_blocks` as one (N, offsets^2, s*s*C, O) batched matmul of channel-first patches of the
+    space-to-depth input. For few input channels, where it is the fastest form: with the norms and weighted
+    sum, the CNN's first convolution at batch 2224 in 16 slices took 73 ms as offset blocks, 88 as
+    `conv_per_example`'s patches, 61 in this form (medians of one run of `conv1-per-example` in
+    tests/benchmarks/test_jax_kernels.py)."""
     n, ho, wo, o = g.shape
     s = layer.stride
     offsets = -(-layer.kernel // s)
     x = _pad(x, layer.padding)
     if s > 1:
         x = _space_to_depth(x, s)
-    x = x.transpose(0, 3, 1, 2)
-    views = [x[:, :, i : i + ho, j : j + wo] for i in range(offsets) for j in range(offsets)]
-    patches = jnp.stack(views, 1).reshape(n, offsets**2, x.shape[1], ho * wo)
-    return jnp.einsum("bmct,bto->bmco", patches, g.reshape(n, ho * wo, o))
-
-
-def _channel_patches(layer: Conv, x: jax.Array, ho: int, wo: int) -> jax.Array:
-    """(N, k*k*C, ho*wo): each kernel entry's inputs over the output positions, rows in the HWIO kernel's order.
-    Channel-first, so that each row is copied from contiguous input rows."""
-    k, s = layer.kernel, layer.stride
-    x = _pad(x, layer.padding).transpose(0, 3, 1, 2)
-    views = [x[:, :, i : i + s * (ho - 1) + 1 : s, j : j + s * (wo - 1) + 1 : s] for i in range(k) for j in range(k)]
-    return jnp.stack(views, 1).reshape(x.shape[0], -1, ho * wo)
+    patches = _channel_first_patches(x.transpose(0, 3, 1, 2), offsets, 1, ho, wo)
+    blocks = jnp.einsum("bkt,bto->bko", patches, g.reshape(n, ho * wo, o))
+    return blocks.reshape(n, offsets**2, -1, o)
 
 
 def conv_per_example(layer: Conv, x: jax.Array, g: jax.Array) -> jax.Array:
@@ -202,14 +206,15 @@ def conv_per_example(layer: Conv, x: jax.Array, g: jax.Array) -> jax.Array:
 
     With few input channels, one batched matmul of channel-first patches with the output gradients; with more,
     a matmul per kernel offset, which needs no patches. Measured on 2 CPU cores, with the norms and weighted sum
-    that use them, in the step's batch slices: ResNet-18's first convolution (7x7, stride 2) 44 -> 39 ms at
-    batch 320 (`resnet-conv1-per-example` in tests/benchmarks/test_jax_kernels.py); but the norms of a
+    that use them, in the step's batch slices: ResNet-18's first convolution (7x7, stride 2) 178 -> 77 ms at
+    batch 320 (one run of `resnet-conv1-per-example` in tests/benchmarks/test_jax_kernels.py); but the norms of a
     stride-2 3x3 convolution of 64 channels on 8x8 inputs 5 -> 88 ms.
     """
     n, ho, wo, o = g.shape
     k, c = layer.kernel, x.shape[-1]
     if c <= FEW_CHANNELS:
-        rows = jnp.einsum("bkt,bto->bko", _channel_patches(layer, x, ho, wo), g.reshape(n, ho * wo, o))
+        patches = _channel_first_patches(_pad(x, layer.padding).transpose(0, 3, 1, 2), k, layer.stride, ho, wo)
+        rows = jnp.einsum("bkt,bto->bko", patches, g.reshape(n, ho * wo, o))
         return rows.reshape(n, k, k, c, o)
     return _unblock(layer, jnp.stack(_offset_blocks(layer, x, g), 1), c)
 

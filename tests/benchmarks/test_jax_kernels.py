@@ -143,15 +143,27 @@ def _kept_sum(per_example):
     return [jnp.tensordot(norms, p, axes=1) for p in per_example]
 
 
+def _blocks_one_copy_per_offset(x, g):
+    """`bk._channel_first_blocks` with its patches stacked from one strided view per kernel offset."""
+    x = bk._space_to_depth(bk._pad(x, CONV1.padding), 2).transpose(0, 3, 1, 2)
+    views = [x[:, :, i : i + 14, j : j + 14] for i in range(4) for j in range(4)]
+    patches = jnp.stack(views, 1).reshape(x.shape[0], 64, 196)
+    return jnp.einsum("bkt,bto->bko", patches, g.reshape(-1, 196, 16)).reshape(-1, 16, 4, 16)
+
+
 @pytest.mark.benchmark(group="conv1-per-example")
-@pytest.mark.parametrize("form", ["offset-blocks", "channel-patches", "channel-first-blocks"])
+@pytest.mark.parametrize(
+    "form", ["offset-blocks", "channel-patches", "channel-first-blocks-one-copy-per-offset", "channel-first-blocks"]
+)
 def test_first_conv_per_example(benchmark, form):
     def kept(x, g):
         if form == "channel-patches":
             return _kept_sum([bk.conv_per_example(CONV1, x, g)])[0]
-        blocks = jnp.stack(bk._offset_blocks(CONV1, x, g), 1) if form == "offset-blocks" else None
-        if form == "channel-first-blocks":
-            blocks = bk._channel_first_blocks(CONV1, x, g)
+        blocks = {
+            "offset-blocks": lambda: jnp.stack(bk._offset_blocks(CONV1, x, g), 1),
+            "channel-first-blocks-one-copy-per-offset": lambda: _blocks_one_copy_per_offset(x, g),
+            "channel-first-blocks": lambda: bk._channel_first_blocks(CONV1, x, g),
+        }[form]()
         return bk._unblock(CONV1, _kept_sum([blocks])[0], 1)
 
     x, g = _normal((2224, 28, 28, 1)), _normal((2224, 14, 14, 16), 1)
