@@ -1,8 +1,7 @@
 """DP and non-private jax:bk steps timed side by side, alternating in one process, so that machine drift
 cancels out of their ratio; and each step's compiled temporary buffer, XLA's own count of its working memory.
 
-    PYTHONPATH=. .envs/jax/bin/python scripts/jax_side_by_side.py [cnn|resnet] [--steps N] [--kept-bytes B]
-        [--set NAME=VALUE]...
+    PYTHONPATH=. .envs/jax/bin/python scripts/jax_side_by_side.py [cnn|resnet] [--steps N] [--set NAME=VALUE]...
 
 The full jitted step (sliced clipped or plain sum, the noise's own draw, SGD with momentum) at the speed
 suite's physical batch: the CNN on Fashion-MNIST rows, ResNet-18-GN on normal noise. Each `--set KEPT_BYTES=0`
@@ -97,12 +96,9 @@ if __name__ == "__main__":
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="an extra DP step, compiled with this integer constant of bk.py (KEPT_BYTES, CHANNEL_FIRST_CHANNELS, ...)",
+        help="an extra DP step, compiled with this integer constant of bk.py (KEPT_BYTES, FEW_CHANNELS, ...)",
     )
-    parser.add_argument("--kept-bytes", type=int, help=f"bk.KEPT_BYTES for every step (default {bk.KEPT_BYTES})")
     args = parser.parse_args()
-    if args.kept_bytes is not None:
-        bk.KEPT_BYTES = args.kept_bytes
     overrides = []
     for item in args.set:
         name, _, value = item.partition("=")

@@ -62,7 +62,7 @@ SMALL_OUTPUT = 4  # output positions (height x width) up to which a convolution 
 # Per-example kernel gradients formed for a norm are kept for the weighted sum up to this size per batch slice:
 # the CNN's second convolution (4.5 MB for 139 rows) is; ResNet-18's first stage (11.8 MB for 80) is not: kept,
 # its DP / non-private step went from 1.07 to 1.05 but the DP step's temporary buffer from 392 to 530 MB (304
-# non-private), measured by `scripts/jax_side_by_side.py resnet --kept-bytes 16000000`.
+# non-private), measured by `scripts/jax_side_by_side.py resnet --set KEPT_BYTES=16000000`.
 KEPT_BYTES = 8_000_000
 FEW_CHANNELS = 4  # input channels up to which a convolution's per-example kernel gradients are kept
 
@@ -171,14 +171,13 @@ def _unblock(layer: Conv, blocks: jax.Array, c: int) -> jax.Array:
 
 
 def _channel_first_patches(x: jax.Array, count: int, step: int, ho: int, wo: int) -> jax.Array:
-    """(N, count*count*C, ho*wo): the count x count strided windows of a channel-first (N, C, H, W) input, rows
-    in (row offset, column offset, channel) order. The column windows are copied first, then whole planes of
-    them per row offset, rather than one strided view per kernel offset: XLA's CPU back end copies the short
+    """(N, count*count*C, ho*wo): the count x count strided windows of an (N, H, W, C) input, channel-first,
+    rows in (row offset, column offset, channel) order. The column windows are copied first, then whole planes
+    of them per row offset, rather than one strided view per kernel offset: XLA's CPU back end copies the short
     rows of count*count views and then stacks them, 1.5x slower for the CNN's first convolution's per-example
-    gradients with their norms and weighted sum (`conv1-per-example` in tests/benchmarks/test_jax_kernels.py),
-    and the whole DP step 2.5-4.8% slower (three runs of `scripts/jax_side_by_side.py cnn`, the two forms
-    switched by a temporary constant)."""
+    gradients with their norms and weighted sum (`conv1-per-example` in tests/benchmarks/test_jax_kernels.py)."""
     n = x.shape[0]
+    x = x.transpose(0, 3, 1, 2)
     cols = jnp.concatenate([x[..., j : j + step * (wo - 1) + 1 : step] for j in range(count)], 1)
     rows = [cols[:, :, i : i + step * (ho - 1) + 1 : step] for i in range(count)]
     return jnp.concatenate(rows, 1).reshape(n, -1, ho * wo)
@@ -196,7 +195,7 @@ def _channel_first_blocks(layer: Conv, x: jax.Array, g: jax.Array) -> jax.Array:
     x = _pad(x, layer.padding)
     if s > 1:
         x = _space_to_depth(x, s)
-    patches = _channel_first_patches(x.transpose(0, 3, 1, 2), offsets, 1, ho, wo)
+    patches = _channel_first_patches(x, offsets, 1, ho, wo)
     blocks = jnp.einsum("bkt,bto->bko", patches, g.reshape(n, ho * wo, o))
     return blocks.reshape(n, offsets**2, -1, o)
 
@@ -213,7 +212,7 @@ def conv_per_example(layer: Conv, x: jax.Array, g: jax.Array) -> jax.Array:
     n, ho, wo, o = g.shape
     k, c = layer.kernel, x.shape[-1]
     if c <= FEW_CHANNELS:
-        patches = _channel_first_patches(_pad(x, layer.padding).transpose(0, 3, 1, 2), k, layer.stride, ho, wo)
+        patches = _channel_first_patches(_pad(x, layer.padding), k, layer.stride, ho, wo)
         rows = jnp.einsum("bkt,bto->bko", patches, g.reshape(n, ho * wo, o))
         return rows.reshape(n, k, k, c, o)
     return _unblock(layer, jnp.stack(_offset_blocks(layer, x, g), 1), c)
