@@ -2,11 +2,13 @@
 cancels out of their ratio; and each step's compiled temporary buffer, XLA's own count of its working memory.
 
     PYTHONPATH=. .envs/jax/bin/python scripts/jax_side_by_side.py [cnn|resnet] [--steps N] [--set NAME=VALUE]...
+        [--slices N]...
 
 The full jitted step (sliced clipped or plain sum, the noise's own draw, SGD with momentum) at the speed
 suite's physical batch: the CNN on Fashion-MNIST rows, ResNet-18-GN on normal noise. Each `--set KEPT_BYTES=0`
 (any integer constant of bk.py) adds a step, DP compiled with that constant, to measure a choice against the
-default in the same process; XLA_FLAGS is passed to XLA as set (see backends/jax/__init__.py).
+default in the same process; each `--slices N` adds a DP and a non-private step cut into N batch slices instead
+of `backend.slice_count`'s. XLA_FLAGS is passed to XLA as set (see backends/jax/__init__.py).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from bench.data.loaders import load_raw
 from bench.models import build_spec, init_params
 
 
-def main(workload: str, steps: int, overrides: list[tuple[str, int]]) -> None:
+def main(workload: str, steps: int, overrides: list[tuple[str, int]], slices: list[int]) -> None:
     if workload == "cnn":
         spec, physical, max_norm = build_spec("cnn-tanh", (28, 28, 1), 10), 2224, 0.1
         raw = load_raw("fashion-mnist")
@@ -55,6 +57,8 @@ def main(workload: str, steps: int, overrides: list[tuple[str, int]]) -> None:
         return jax.jit(step, donate_argnums=(0, 1))
 
     steps_of = {mode: make_step(jb.split_sum(s, parts)) for mode, s in sums.items()}
+    for n in slices:
+        steps_of.update({f"{mode} {n} slices": make_step(jb.split_sum(s, n)) for mode, s in sums.items()})
     zero = jax.tree.map(jnp.zeros_like, params0)
     args = (params0, opt.init(params0), zero, x, y, mask)
     fns = {mode: fn.lower(*args).compile() for mode, fn in steps_of.items()}
@@ -73,7 +77,7 @@ def main(workload: str, steps: int, overrides: list[tuple[str, int]]) -> None:
         for mode, fn in fns.items():
             p, s = state[mode]
             t = time.perf_counter()
-            noise = zero if mode == "non-private" else draw(jax.random.key(i))
+            noise = zero if mode.startswith("non-private") else draw(jax.random.key(i))
             p, s, loss = fn(p, s, noise, x, y, mask)
             float(loss)
             if i:  # the first call warms up
@@ -83,7 +87,9 @@ def main(workload: str, steps: int, overrides: list[tuple[str, int]]) -> None:
     print(f"{workload}: physical {physical} in {parts} slices, median of {steps} alternating steps")
     width = max(map(len, med))
     for mode, ms in med.items():
-        ratio = f"   {ms / med['non-private']:.2f}x non-private" if mode != "non-private" else ""
+        dp_slices = mode.startswith("dp ") and mode.endswith(" slices")
+        base = f"non-private {mode.split(' ', 1)[1]}" if dp_slices else "non-private"
+        ratio = f"   {ms / med[base]:.2f}x {base}" if mode != "non-private" else ""
         print(f"  {mode:{width}s} {ms:8.1f} ms   compiled temporary buffer {temp[mode] / 1e6:6.0f} MB{ratio}")
 
 
@@ -98,6 +104,14 @@ if __name__ == "__main__":
         metavar="NAME=VALUE",
         help="an extra DP step, compiled with this integer constant of bk.py (KEPT_BYTES, FEW_CHANNELS, ...)",
     )
+    parser.add_argument(
+        "--slices",
+        action="append",
+        type=int,
+        default=[],
+        metavar="N",
+        help="a DP and a non-private step in N batch slices (default: backend.slice_count)",
+    )
     args = parser.parse_args()
     overrides = []
     for item in args.set:
@@ -106,4 +120,4 @@ if __name__ == "__main__":
             known = ", ".join(k for k, v in vars(bk).items() if k.isupper() and isinstance(v, int))
             parser.error(f"--set {item!r}: expected NAME=INTEGER with NAME one of bk.py's constants ({known})")
         overrides.append((name, int(value)))
-    main(args.workload, args.steps, overrides)
+    main(args.workload, args.steps, overrides, args.slices)

@@ -170,14 +170,27 @@ def _unblock(layer: Conv, blocks: jax.Array, c: int) -> jax.Array:
     return kernel[..., :k, :k, :, :]
 
 
+def _channel_first(x: jax.Array, padding: int, s: int = 1) -> jax.Array:
+    """(N, H, W, C) -> (N, s*s*C, H', W'): `_space_to_depth(_pad(x, padding), s)`, channel-first. Padded after the
+    transpose, so that XLA fuses the padding into `_channel_first_patches`' copies: padded before it, the padded
+    input was the forward convolution's too, and XLA wrote it out once for both."""
+    x = jnp.moveaxis(x, -1, 1)
+    h, w = x.shape[2] + 2 * padding, x.shape[3] + 2 * padding
+    x = jnp.pad(x, ((0, 0), (0, 0), (padding, padding + -h % s), (padding, padding + -w % s)))
+    if s == 1:
+        return x
+    n, c, h, w = x.shape
+    x = x.reshape(n, c, h // s, s, w // s, s).transpose(0, 3, 5, 1, 2, 4)
+    return x.reshape(n, s * s * c, h // s, w // s)
+
+
 def _channel_first_patches(x: jax.Array, count: int, step: int, ho: int, wo: int) -> jax.Array:
-    """(N, count*count*C, ho*wo): the count x count strided windows of an (N, H, W, C) input, channel-first,
-    rows in (row offset, column offset, channel) order. The column windows are copied first, then whole planes
-    of them per row offset, rather than one strided view per kernel offset: XLA's CPU back end copies the short
-    rows of count*count views and then stacks them, 1.5x slower for the CNN's first convolution's per-example
-    gradients with their norms and weighted sum (`conv1-per-example` in tests/benchmarks/test_jax_kernels.py)."""
+    """(N, count*count*C, ho*wo): the count x count strided windows of an (N, C, H, W) input, rows in
+    (row offset, column offset, channel) order. The column windows are copied first, then whole planes of them
+    per row offset, rather than one strided view per kernel offset: XLA's CPU back end copies the short rows of
+    count*count views and then stacks them, 1.5x slower for the CNN's first convolution's per-example gradients
+    with their norms and weighted sum (`conv1-per-example` in tests/benchmarks/test_jax_kernels.py)."""
     n = x.shape[0]
-    x = x.transpose(0, 3, 1, 2)
     cols = jnp.concatenate([x[..., j : j + step * (wo - 1) + 1 : step] for j in range(count)], 1)
     rows = [cols[:, :, i : i + step * (ho - 1) + 1 : step] for i in range(count)]
     return jnp.concatenate(rows, 1).reshape(n, -1, ho * wo)
@@ -192,10 +205,7 @@ def _channel_first_blocks(layer: Conv, x: jax.Array, g: jax.Array) -> jax.Array:
     n, ho, wo, o = g.shape
     s = layer.stride
     offsets = -(-layer.kernel // s)
-    x = _pad(x, layer.padding)
-    if s > 1:
-        x = _space_to_depth(x, s)
-    patches = _channel_first_patches(x, offsets, 1, ho, wo)
+    patches = _channel_first_patches(_channel_first(x, layer.padding, s), offsets, 1, ho, wo)
     blocks = jnp.einsum("bkt,bto->bko", patches, g.reshape(n, ho * wo, o))
     return blocks.reshape(n, offsets**2, -1, o)
 
@@ -212,7 +222,7 @@ def conv_per_example(layer: Conv, x: jax.Array, g: jax.Array) -> jax.Array:
     n, ho, wo, o = g.shape
     k, c = layer.kernel, x.shape[-1]
     if c <= FEW_CHANNELS:
-        patches = _channel_first_patches(_pad(x, layer.padding), k, layer.stride, ho, wo)
+        patches = _channel_first_patches(_channel_first(x, layer.padding), k, layer.stride, ho, wo)
         rows = jnp.einsum("bkt,bto->bko", patches, g.reshape(n, ho * wo, o))
         return rows.reshape(n, k, k, c, o)
     return _unblock(layer, jnp.stack(_offset_blocks(layer, x, g), 1), c)
@@ -328,7 +338,15 @@ def kept_grads(layer: Conv | Dense | GroupNorm, a: jax.Array, g: jax.Array) -> K
         return Kept({key: _channel_first_blocks(layer, a, g), **bias}, finish)
     if _ghost_cheaper(layer, c, g) or a.dtype.itemsize * a.shape[0] * layer.kernel**2 * c * g.shape[-1] > KEPT_BYTES:
         return None
-    return Kept({key: jnp.stack(_offset_blocks(layer, a, g), 1), **bias}, finish)
+    # One entry per block, not one stacked array: the stack was a copy of them all (4.5 MB per slice of the
+    # CNN's second convolution), read once more for the norms and the weighted sum.
+    blocks = {f"{key}#{i}": block for i, block in enumerate(_offset_blocks(layer, a, g))}
+
+    def finish_blocks(sums: dict[str, jax.Array]) -> Params:
+        rest = {k: v for k, v in sums.items() if k not in blocks}
+        return {**rest, key: _unblock(layer, jnp.stack([sums[k] for k in blocks]), c)}
+
+    return Kept({**blocks, **bias}, finish_blocks)
 
 
 def layer_norms(layer: Conv | Dense, a: jax.Array, g: jax.Array) -> jax.Array:

@@ -111,10 +111,10 @@ def test_strided_conv_input_gradient(benchmark, form):
     assert _timed(benchmark, input_grad, p, x, g).shape == x.shape
 
 
-# The CNN's DP (book-keeping) clipped sum at physical batch 2224 in one piece and in backend.slice_count's 16
-# concurrent slices.
+# The CNN's DP (book-keeping) clipped sum at physical batch 2224 in one piece and in concurrent slices: 16 of 139
+# rows, and backend.slice_count's 28 of 79-80.
 @pytest.mark.benchmark(group="batch-slices")
-@pytest.mark.parametrize("parts", [1, 16])
+@pytest.mark.parametrize("parts", [1, 16, 28])
 def test_batch_slices(benchmark, parts):
     from backends.jax import backend as jb
     from bench.models import build_spec, init_params
@@ -127,12 +127,13 @@ def test_batch_slices(benchmark, parts):
     assert g.keys() == params.keys()
 
 
-# The CNN's per-example work in the DP step at physical batch 2224, in backend.slice_count's 16 slices: each
+# The CNN's per-example work in the DP step at physical batch 2224, in backend.slice_count's slices (28): each
 # example's kernel gradients, their squared norms and their weighted sum (the norms standing in for the weights).
-def _sliced(fn, parts=16):
+def _sliced(fn):
+    from backends.jax.backend import slice_bounds, slice_count
+
     def run(x, g):
-        n = x.shape[0] // parts
-        return sum(fn(x[i * n : (i + 1) * n], g[i * n : (i + 1) * n]) for i in range(parts))
+        return sum(fn(x[lo:hi], g[lo:hi]) for lo, hi in slice_bounds(len(x), slice_count(len(x))))
 
     return run
 
@@ -184,18 +185,22 @@ def test_resnet_first_conv_per_example(benchmark, form):
         return _kept_sum([bk._unblock(RESNET_CONV1, jnp.stack(bk._offset_blocks(RESNET_CONV1, x, g), 1), 3)])[0]
 
     x, g = _normal((320, 32, 32, 3)), _normal((320, 16, 16, 64), 1)
-    assert _timed(benchmark, _sliced(kept, parts=4), x, g).shape == (7, 7, 3, 64)
+    assert _timed(benchmark, _sliced(kept), x, g).shape == (7, 7, 3, 64)
 
 
 @pytest.mark.benchmark(group="conv2-clipped-sum")
-@pytest.mark.parametrize("form", ["weighted-filter-gradient", "kept-blocks"])
+@pytest.mark.parametrize("form", ["weighted-filter-gradient", "kept-blocks-stacked", "kept-blocks"])
 def test_second_conv_clipped_sum(benchmark, form):
+    """kept-blocks: each kernel offset's per-example block kept apart, as `bk.kept_grads` does; -stacked: the
+    blocks stacked into one (N, offsets^2, s*s*C, O) array first."""
     k = _normal((4, 4, 16, 32), 3)
     layer = Conv("c", 32, 4, stride=2, bias=False)
 
     def clipped(x, g):
-        if form == "kept-blocks":
+        if form == "kept-blocks-stacked":
             return bk._unblock(layer, _kept_sum([jnp.stack(bk._offset_blocks(layer, x, g), 1)])[0], 16)
+        if form == "kept-blocks":
+            return bk._unblock(layer, jnp.stack(_kept_sum(bk._offset_blocks(layer, x, g))), 16)
         norms = bk.conv_sq_norms(layer, x, g)
         return bk.filter_grad(layer, x, g * norms[:, None, None, None], k)
 

@@ -121,7 +121,8 @@ def check_clipped_sum() -> None:
 
 
 def check_split_sum() -> None:
-    """Summing over 2, 3 or 4 slices of a batch gives the one-slice sums, DP (bk) and non-private."""
+    """Summing over 2, 3 or 5 slices of a batch (5: of 2 or 3 rows) gives the one-slice sums, DP (bk) and
+    non-private; more slices than rows is an error."""
     spec = build_spec("cnn-tanh", (28, 28, 1), 10)
     params = {k: jnp.asarray(v) for k, v in init_params(spec, 0).items()}
     x, y = _normal(1, (12, 28, 28, 1)), jnp.arange(12, dtype=jnp.int32) % 10
@@ -132,17 +133,23 @@ def check_split_sum() -> None:
     }
     for name, chunk_sum in sums.items():
         g1, loss1, correct1 = jax.jit(chunk_sum)(params, x, y, mask)
-        for parts in (2, 3, 4):
+        for parts in (2, 3, 5):
             g, loss, correct = jax.jit(jb.split_sum(chunk_sum, parts))(params, x, y, mask)
             for k in params:
                 _close(f"{name}, {parts} slices: {k}", g[k], g1[k], rtol=1e-5)
             _close(f"{name}, {parts} slices: loss", loss, loss1, rtol=1e-5)
             assert float(correct) == float(correct1), f"{name}, {parts} slices: correct {correct} != {correct1}"
+        try:
+            jb.split_sum(chunk_sum, 13)(params, x, y, mask)
+        except ValueError as e:
+            assert "13 slices of a batch of 12 rows" in str(e), e
+        else:
+            raise AssertionError("split_sum: 13 slices of 12 rows did not raise")
 
 
 def check_slice_count() -> None:
-    """Slices of at most SLICE_ROWS rows where a divisor allows; else the most that divide the batch."""
-    want = {2232: 18, 2224: 16, 320: 4, 256: 2, 129: 3, 128: 1, 8: 1, 2053: 1}
+    """The fewest slices of at most SLICE_ROWS (80) rows, at most MAX_SLICES (32)."""
+    want = {2224: 28, 2232: 28, 2053: 26, 320: 4, 256: 4, 81: 2, 80: 1, 8: 1, 1: 1, 4000: 32}
     got = {physical: jb.slice_count(physical) for physical in want}
     assert got == want, f"slice_count: {got} != {want}"
 
