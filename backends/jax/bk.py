@@ -188,7 +188,7 @@ def _channel_first_patches(x: jax.Array, count: int, step: int, ho: int, wo: int
     """(N, count*count*C, ho*wo): the count x count strided windows of an (N, C, H, W) input, rows in
     (row offset, column offset, channel) order. The column windows are copied first, then whole planes of them
     per row offset, rather than one strided view per kernel offset: XLA's CPU back end copies the short rows of
-    count*count views and then stacks them, 1.5x slower for the CNN's first convolution's per-example gradients
+    count*count views and then stacks them, 1.4x slower for the CNN's first convolution's per-example gradients
     with their norms and weighted sum (`conv1-per-example` in tests/benchmarks/test_jax_kernels.py)."""
     n = x.shape[0]
     cols = jnp.concatenate([x[..., j : j + step * (wo - 1) + 1 : step] for j in range(count)], 1)
@@ -199,8 +199,8 @@ def _channel_first_patches(x: jax.Array, count: int, step: int, ho: int, wo: int
 def _channel_first_blocks(layer: Conv, x: jax.Array, g: jax.Array) -> jax.Array:
     """The `_offset_blocks` as one (N, offsets^2, s*s*C, O) batched matmul of channel-first patches of the
     space-to-depth input. For few input channels, where it is the fastest form: with the norms and weighted
-    sum, the CNN's first convolution at batch 2224 in 16 slices took 73 ms as offset blocks, 88 as
-    `conv_per_example`'s patches, 61 in this form (medians of one run of `conv1-per-example` in
+    sum, the CNN's first convolution at batch 2224 in the step's 28 slices took 66 ms as offset blocks, 30 as
+    `conv_per_example`'s patches, 22 in this form (medians of one run of `conv1-per-example` in
     tests/benchmarks/test_jax_kernels.py)."""
     n, ho, wo, o = g.shape
     s = layer.stride
@@ -215,9 +215,12 @@ def conv_per_example(layer: Conv, x: jax.Array, g: jax.Array) -> jax.Array:
 
     With few input channels, one batched matmul of channel-first patches with the output gradients; with more,
     a matmul per kernel offset, which needs no patches. Measured on 2 CPU cores, with the norms and weighted sum
-    that use them, in the step's batch slices: ResNet-18's first convolution (7x7, stride 2) 178 -> 77 ms at
-    batch 320 (one run of `resnet-conv1-per-example` in tests/benchmarks/test_jax_kernels.py); but the norms of a
-    stride-2 3x3 convolution of 64 channels on 8x8 inputs 5 -> 88 ms.
+    that use them, in the step's batch slices: ResNet-18's first convolution (7x7, stride 2) 56 -> 45 ms at
+    batch 320 (one run of `resnet-conv1-per-example` in tests/benchmarks/test_jax_kernels.py). Patches would make
+    the norms alone of ResNet-18's 64-channel stride-2 convolution faster too (201 -> 76 ms, `many-channels-norms`),
+    but FEW_CHANNELS = 64, which also keeps those per-example gradients for the weighted sum, made its DP step
+    slower (1561 -> 1682 ms) and its temporary buffer larger (391 -> 612 MB), in one run of
+    `scripts/jax_side_by_side.py resnet --set FEW_CHANNELS=64`.
     """
     n, ho, wo, o = g.shape
     k, c = layer.kernel, x.shape[-1]

@@ -206,3 +206,21 @@ def test_second_conv_clipped_sum(benchmark, form):
 
     x, g = _normal((2224, 13, 13, 16)), _normal((2224, 5, 5, 32), 1)
     assert _timed(benchmark, _sliced(clipped), x, g).shape == k.shape
+
+
+# Why `bk.conv_per_example` forms patches only for few input channels: ResNet-18's second stage's first
+# convolution (3x3, stride 2, 64 -> 128 channels, 16x16 -> 8x8) at physical batch 320 in 4 slices, squared norms of
+# each example's kernel gradient.
+@pytest.mark.benchmark(group="many-channels-norms")
+@pytest.mark.parametrize("form", ["offset-blocks", "channel-patches"])
+def test_many_channels_norms(benchmark, form):
+    layer = Conv("c", 128, 3, stride=2, padding=1, bias=False)
+
+    def norms(x, g):
+        if form == "offset-blocks":
+            return jnp.sum(bk.conv_sq_norms(layer, x, g))
+        patches = bk._channel_first_patches(bk._channel_first(x, layer.padding), 3, 2, 8, 8)
+        return jnp.sum(jnp.einsum("bkt,bto->bko", patches, g.reshape(-1, 64, 128)) ** 2)
+
+    x, g = _normal((320, 16, 16, 64)), _normal((320, 8, 8, 128), 1)
+    assert _timed(benchmark, _sliced(norms), x, g).shape == ()
