@@ -139,8 +139,9 @@ def split_sum(chunk_sum: Callable, parts: int) -> Callable:
 
 
 # On CPU, rows per concurrent slice of a physical batch at most. For the Fashion-MNIST CNN at 2224 rows, 28
-# slices rather than 16 (of 128 rows at most) made the DP step 3-5% faster and the non-private one no slower;
-# ResNet-18-GN at 320 rows keeps its 4, its fastest (5 or 8 slices: 9-30% slower), measured side by side.
+# slices rather than 16 (of 128 rows at most) made the DP step 7-9% faster and left the non-private one within 4%
+# (three runs of `scripts/jax_side_by_side.py cnn --slices 16`); ResNet-18-GN at 320 rows keeps its 4, its
+# fastest (5 or 8 slices: 9-31% slower, measured like `... resnet --slices 5 --slices 8`).
 SLICE_ROWS = 80
 MAX_SLICES = 32
 
