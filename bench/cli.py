@@ -742,6 +742,10 @@ def build_parser() -> argparse.ArgumentParser:
             _federated_calibrate_args(c)
         c.set_defaults(func=func)
 
+    from bench.audit.command import add_parser as add_audit_parser
+
+    add_audit_parser(sub)
+
     e = sub.add_parser("env", help="backend environments")
     e.add_argument("action", choices=("create", "list"))
     e.add_argument("backends", nargs="*", help="backends to create (default: all)")

@@ -12,7 +12,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = 2  # 2: federated runs (workload_kind and the per-round columns); version 1 files still read
+# 2: federated runs (workload_kind and the per-round columns); 3: one-run audits (the canary columns).
+# Files of every older version still read (bench.resultset adds the columns they lack, empty).
+SCHEMA_VERSION = 3
 STATUSES = ("ok", "failed", "oom", "timeout", "diverged", "unsupported", "interrupted")
 
 SCHEMA = pa.schema(
@@ -69,6 +71,11 @@ SCHEMA = pa.schema(
         ("epsilon_rdp", pa.float64()),
         ("epsilon_reported", pa.float64()),
         ("accounting_note", pa.string()),
+        # one-run audits only (null otherwise), on the last epoch's row: every canary's score under the final model
+        # (its log-likelihood of the canary label) and whether it was trained on; bench audit scores them.
+        ("canary_kind", pa.string()),
+        ("canary_scores", pa.list_(pa.float64())),
+        ("canary_included", pa.list_(pa.bool_())),
         # status
         ("status", pa.string()),
         ("error", pa.string()),
@@ -95,13 +102,16 @@ def result_path(results_dir: Path, suite: str, run_id: str) -> Path:
     return Path(results_dir) / suite_folder(suite) / f"{run_id}.parquet"
 
 
-def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write rows atomically: a temp file in the same folder, synced, then renamed over the target.
+def write_rows(
+    path: Path, rows: list[dict[str, Any]], schema: pa.Schema = SCHEMA, version: int = SCHEMA_VERSION
+) -> None:
+    """Write rows (of `schema`, stamped with its `version`) atomically: a temp file in the same folder, synced, then
+    renamed over the target.
 
     Whatever fails on the way (a full disk, an interrupt), the target keeps its previous content or stays
     absent, and the temp file (a dot-file that no reader lists) is removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.Table.from_pylist([{**r, "schema_version": SCHEMA_VERSION} for r in rows], schema=SCHEMA)
+    table = pa.Table.from_pylist([{**r, "schema_version": version} for r in rows], schema=schema)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         pq.write_table(table, tmp)

@@ -122,6 +122,11 @@ def _hardware() -> str:
     return f"{model} x{os.cpu_count()}"
 
 
+def provenance() -> dict[str, str]:
+    """This machine's `hardware` and the checkout's `git_commit`, as every result row records them."""
+    return {"hardware": _hardware(), "git_commit": _git_commit()}
+
+
 def worker_env(run: RunSpec) -> dict[str, str]:
     """The same thread pinning for every backend, and `bench` importable from the checkout."""
     env = dict(os.environ)
@@ -150,6 +155,20 @@ def read_events(path: Path, offset: int = 0) -> tuple[list[dict[str, Any]], int]
         except json.JSONDecodeError:
             continue
     return events, offset + end
+
+
+def identity_columns(run: RunSpec) -> dict[str, Any]:
+    """What a run is, as the columns that run results and audit records share."""
+    return {
+        "suite": run.suite,
+        "workload": run.workload,
+        "dataset": run.dataset.name,
+        "model": run.model,
+        "backend": run.backend,
+        "variant": run.variant,
+        "seed": run.seed,
+        "dp": run.dp.enabled,
+    }
 
 
 def build_rows(
@@ -182,14 +201,7 @@ def build_rows(
         )
     base = {
         "run_id": run.run_id,
-        "suite": run.suite,
-        "workload": run.workload,
-        "dataset": run.dataset.name,
-        "model": run.model,
-        "backend": run.backend,
-        "variant": run.variant,
-        "seed": run.seed,
-        "dp": run.dp.enabled,
+        **identity_columns(run),
         "noise_multiplier": sigma,
         "target_epsilon": run.dp.target_epsilon,
         "max_grad_norm": run.dp.max_grad_norm if run.dp.enabled else None,
@@ -238,6 +250,11 @@ def build_rows(
                 "epsilon_rdp": ep.rdp if ep else None,
                 "epsilon_reported": e.get("epsilon_reported"),
             }
+        )
+    canaries = next((e for e in events if e["event"] == "canaries"), None)
+    if canaries is not None:  # a one-run audit's evidence, about the final model: on the last epoch's row
+        rows[-1].update(
+            canary_kind=canaries["kind"], canary_scores=canaries["scores"], canary_included=canaries["included"]
         )
     return rows
 

@@ -334,6 +334,36 @@ class FederatedConfig:
         return self.clients_per_round / self.total_clients
 
 
+CanaryKind = Literal["mislabeled", "noise"]
+CANARY_KINDS: tuple[str, ...] = ("mislabeled", "noise")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AuditConfig:
+    """A one-run privacy audit of the run (Steinke, Nasr & Jagielski 2023, "Privacy Auditing with One (1)
+    Training Run"): `canaries` extra examples, each in the training set with probability 1/2 (from the run's seed).
+
+    After training the core guesses "in" for the `guesses // 2` canaries the final model fits best and "out" for
+    the `guesses - guesses // 2` it fits worst, and turns the correct guesses into an epsilon lower bound.
+    `kind`: `noise` (random inputs with random labels; the default) or `mislabeled` (training images with a
+    wrong label, taken out of the training set).
+    """
+
+    canaries: int = 1000
+    guesses: int = 100
+    kind: CanaryKind = "noise"  # measured the stronger of the two on the MLP: see docs/audit.md
+
+    def __post_init__(self) -> None:
+        _check(_int(self.canaries) and self.canaries >= 2, "audit.canaries", self.canaries, "an integer >= 2")
+        _check(
+            _int(self.guesses) and 1 <= self.guesses <= self.canaries,
+            "audit.guesses",
+            self.guesses,
+            f"an integer from 1 to the number of canaries ({self.canaries})",
+        )
+        _check(self.kind in CANARY_KINDS, "audit.kind", self.kind, f"one of {', '.join(CANARY_KINDS)}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunSpec:
     """One run: a workload on one backend/variant with one privacy setting and seed."""
@@ -350,6 +380,7 @@ class RunSpec:
     perf: PerfFlags = field(default_factory=PerfFlags)
     dataset_size: int = 0  # training examples N after subsetting, filled by the suite loader
     federated: FederatedConfig | None = None  # a federated run: `train` is then each client's local training
+    audit: AuditConfig | None = None  # a one-run privacy audit: canaries join the training set
 
     def __post_init__(self) -> None:
         _check(_int(self.seed) and self.seed >= 0, "seed", self.seed, "an integer >= 0 (below 2**63)")
@@ -417,9 +448,11 @@ class RunSpec:
                     "adaptive_clipping": AdaptiveClipping(**clipping) if clipping is not None else None,
                 }
             )
+        audit = data.get("audit")
         return cls(
             **{
                 **data,
+                "audit": AuditConfig(**audit) if audit is not None else None,
                 "federated": federated,
                 "dataset": DatasetSpec(**dataset),
                 "train": TrainConfig(**train),
@@ -434,8 +467,9 @@ class RunSpec:
         d = self.to_dict()
         for key in ("suite", "perf"):
             d.pop(key)
-        if d["federated"] is None:
-            d.pop("federated")  # keeps the run_ids of centralized runs as they were
+        for key in ("federated", "audit"):
+            if d[key] is None:
+                d.pop(key)  # keeps the run_ids of runs without them as they were
         d["dp"].pop("target_epsilon")  # the calibrated noise_multiplier is what counts
         return d
 

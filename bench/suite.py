@@ -18,11 +18,13 @@ import numpy as np
 import yaml
 
 from bench.accounting import CalibrationError, calibrate_noise
+from bench.audit.canaries import training_size
 from bench.backend import UnknownBackendError, parse_backend
 from bench.models import MODELS, build_spec
 from bench.spec import (
     MAX_INT,
     AdaptiveClipping,
+    AuditConfig,
     DatasetSpec,
     DPConfig,
     FederatedConfig,
@@ -47,7 +49,8 @@ DATASET_INFO: dict[str, tuple[int, int, tuple[int, int, int], int]] = {
 SYNTHETIC_DEFAULTS = (10_000, 2_000, (28, 28, 1), 10)
 
 SUITE_KEYS = {"name", "description", "backends", "seeds", "threads", "timeout", "memory_limit_gb", "workloads"}
-WORKLOAD_KEYS = {"name", "dataset", "model", "train", "dp", "privacy", "perf", "federated"}
+WORKLOAD_KEYS = {"name", "dataset", "model", "train", "dp", "privacy", "perf", "federated", "audit"}
+AUDIT_KEYS = {f.name for f in dataclasses.fields(AuditConfig)}
 DATASET_KEYS = {f.name for f in dataclasses.fields(DatasetSpec)}
 TRAIN_KEYS = {"epochs", "batch_size", "optimizer", "eval_batch_size"}
 OPTIMIZER_KEYS = {f.name for f in dataclasses.fields(OptimizerSpec)}
@@ -336,62 +339,80 @@ def _workload_runs(
     perf_raw = r.mapping(w.get("perf", {}), f"{path}.perf", PERF_KEYS)
     perf = r.build(PerfFlags, f"{path}.perf", threads=threads, **perf_raw)
 
+    audit = None
+    if w.get("audit") is not None:
+        audit = r.build(AuditConfig, f"{path}.audit", **r.mapping(w["audit"], f"{path}.audit", AUDIT_KEYS))
+        if fed is not None:
+            raise r.error(
+                f"{path}.audit", w["audit"], "no audit block in a federated workload (one-run audits train DP-SGD)"
+            )
+        if audit.kind == "mislabeled" and audit.canaries >= n:
+            raise r.error(f"{path}.audit.canaries", audit.canaries, f"fewer mislabeled canaries than the {n} examples")
     grid = len(r.seq(w["privacy"], f"{path}.privacy")) * len(backends) * len(seeds)
     if grid > MAX_RUNS:
         raise r.error(f"{path}.privacy", f"{grid} runs", f"at most {MAX_RUNS} runs (privacy x backends x seeds)")
-    settings: list[tuple[RunSpec, DPConfig]] = []
-    for i, setting in enumerate(r.seq(w["privacy"], f"{path}.privacy")):
-        p = f"{path}.privacy[{i}]"
-        setting = r.mapping(setting, p, FEDERATED_PRIVACY_KEYS if fed is not None else PRIVACY_KEYS)
-        enabled = setting.get("dp", True)
-        if not isinstance(enabled, bool):
-            raise r.error(f"{p}.dp", enabled, "true or false")
-        if enabled and ("noise_multiplier" in setting) == ("target_epsilon" in setting):
-            raise r.error(p, setting, "exactly one of noise_multiplier and target_epsilon")
-        if not enabled and set(setting) - {"dp", "learning_rate", "clients_per_round"}:
-            raise r.error(p, setting, "only 'learning_rate' (or 'clients_per_round') beside 'dp: false'")
-        run_train = train
-        if "learning_rate" in setting:
-            opt_p = r.build(OptimizerSpec, p, **{**opt_raw, "learning_rate": setting["learning_rate"]})
-            run_train = dataclasses.replace(train, optimizer=opt_p)
-        dp = r.build(
-            DPConfig,
-            p,
-            enabled=enabled,
-            noise_multiplier=setting.get("noise_multiplier"),
-            target_epsilon=setting.get("target_epsilon"),
-            **dp_base,
-        )
-        run_fed = None
-        if fed is not None:
-            run_fed, dp = _federated_setting(r, setting, p, fed, dp)
-        probe = RunSpec(
-            suite=suite,
-            workload=w["name"],
-            dataset=ds,
-            model=model,
-            train=run_train,
-            dp=dp,
-            backend="",
-            dataset_size=n,
-            federated=run_fed,
-        )
-        if run_fed is None and dp.enabled and dp.target_epsilon is not None:
-            if dp.sampling != "poisson":
-                raise r.error(f"{p}.target_epsilon", dp.target_epsilon, "noise_multiplier with shuffle sampling")
-            try:
-                sigma = _calibrated(dp.target_epsilon, probe.sample_rate, probe.total_steps, dp.delta)
-            except CalibrationError as e:
-                raise r.error(f"{p}.target_epsilon", dp.target_epsilon, f"a reachable epsilon: {e}") from None
-            dp = dataclasses.replace(dp, noise_multiplier=round(sigma, 6))
-        settings.append((probe, dp))
+
+    def settings_for(size: int) -> list[tuple[RunSpec, DPConfig]]:
+        """Every privacy setting (calibrated) for a training set of `size` examples."""
+        settings: list[tuple[RunSpec, DPConfig]] = []
+        for i, setting in enumerate(r.seq(w["privacy"], f"{path}.privacy")):
+            p = f"{path}.privacy[{i}]"
+            setting = r.mapping(setting, p, FEDERATED_PRIVACY_KEYS if fed is not None else PRIVACY_KEYS)
+            enabled = setting.get("dp", True)
+            if not isinstance(enabled, bool):
+                raise r.error(f"{p}.dp", enabled, "true or false")
+            if enabled and ("noise_multiplier" in setting) == ("target_epsilon" in setting):
+                raise r.error(p, setting, "exactly one of noise_multiplier and target_epsilon")
+            if not enabled and set(setting) - {"dp", "learning_rate", "clients_per_round"}:
+                raise r.error(p, setting, "only 'learning_rate' (or 'clients_per_round') beside 'dp: false'")
+            run_train = train
+            if "learning_rate" in setting:
+                opt_p = r.build(OptimizerSpec, p, **{**opt_raw, "learning_rate": setting["learning_rate"]})
+                run_train = dataclasses.replace(train, optimizer=opt_p)
+            dp = r.build(
+                DPConfig,
+                p,
+                enabled=enabled,
+                noise_multiplier=setting.get("noise_multiplier"),
+                target_epsilon=setting.get("target_epsilon"),
+                **dp_base,
+            )
+            run_fed = None
+            if fed is not None:
+                run_fed, dp = _federated_setting(r, setting, p, fed, dp)
+            probe = RunSpec(
+                suite=suite,
+                workload=w["name"],
+                dataset=ds,
+                model=model,
+                train=run_train,
+                dp=dp,
+                backend="",
+                dataset_size=size,
+                federated=run_fed,
+                audit=audit,
+            )
+            if run_fed is None and dp.enabled and dp.target_epsilon is not None:
+                if dp.sampling != "poisson":
+                    raise r.error(f"{p}.target_epsilon", dp.target_epsilon, "noise_multiplier with shuffle sampling")
+                try:
+                    sigma = _calibrated(dp.target_epsilon, probe.sample_rate, probe.total_steps, dp.delta)
+                except CalibrationError as e:
+                    raise r.error(f"{p}.target_epsilon", dp.target_epsilon, f"a reachable epsilon: {e}") from None
+                dp = dataclasses.replace(dp, noise_multiplier=round(sigma, 6))
+            settings.append((probe, dp))
+        return settings
+
     # A backend's runs of every privacy setting are adjacent, so that a slow spell of a shared machine falls on
     # both sides of its DP / non-private ratio rather than on one.
+    # An audited workload's training set holds the canaries each seed includes: its size, so its sample rate and
+    # calibrated noise, are the seed's.
+    by_seed = {seed: settings_for(training_size(n, audit, seed) if audit else n) for seed in dict.fromkeys(seeds)}
     return [
         dataclasses.replace(probe, dp=dp, backend=backend, variant=variant, seed=seed, perf=perf)
         for backend, variant in backends
         for seed in seeds
-        for probe, dp in settings
+        for probe, dp in by_seed[seed]
     ]
 
 

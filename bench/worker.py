@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from bench.audit.canaries import Canaries, with_canaries
+from bench.audit.canaries import scores as canary_scores
 from bench.backend import Backend, Diverged, Unsupported, create_backend
 from bench.data.prepare import Dataset, load_prepared
 from bench.data.sampling import augment, pad_batch, physical_batch_size, poisson_batch, shuffle_batch
@@ -229,6 +231,20 @@ def train(run: RunSpec, data: Dataset, backend: Backend, events: Events) -> None
         )
 
 
+def emit_canary_scores(run: RunSpec, backend: Backend, canaries: Canaries, events: Events) -> None:
+    """The one-run audit's evidence: every canary's score under the final model, and which were trained on."""
+    bs = run.train.eval_batch_size
+    logits = np.concatenate(
+        [np.asarray(backend.predict(canaries.x[i : i + bs])) for i in range(0, len(canaries.y), bs)]
+    )
+    events.emit(
+        "canaries",
+        kind=run.audit.kind,
+        scores=canary_scores(logits, canaries.y).tolist(),
+        included=canaries.included.tolist(),
+    )
+
+
 def classify_error(exc: BaseException) -> str:
     if isinstance(exc, Diverged):
         return "diverged"
@@ -264,10 +280,19 @@ def main(argv: list[str]) -> int:
         data = load_prepared(job["data"])
         if job.get("max_steps") is not None and run.federated is not None:
             raise Unsupported("a probe times DP-SGD steps; a federated run has rounds of local training instead")
+        canaries = None
+        if run.audit is not None:
+            data, canaries = with_canaries(data, run.audit, run.seed)
+            if len(data.y_train) != run.dataset_size:
+                raise ValueError(
+                    f"the training set with canaries has {len(data.y_train)} examples, the run {run.dataset_size}"
+                )
         if job.get("max_steps") is not None:
             probe(run, data, backend, events, int(job["max_steps"]))
         else:
             train(run, data, backend, events)
+            if canaries is not None:
+                emit_canary_scores(run, backend, canaries, events)
     except BaseException as exc:  # every ending becomes a result, KeyboardInterrupt included
         status = "interrupted" if isinstance(exc, KeyboardInterrupt) else classify_error(exc)
         events.emit("end", status=status, error=describe_error(exc, status), traceback=traceback.format_exc())

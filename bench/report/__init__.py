@@ -14,7 +14,12 @@ __all__ = ["Format", "Report", "ResultsError", "make_report", "render"]
 
 
 def make_report(results: Path | str, *, suite: str | None = None) -> Report:
-    return build(load_results(results, suite=suite))
+    """The report of a results folder (or one result file), with the audit records `bench audit` left there."""
+    from bench.audit.records import read_audits
+
+    path = Path(results)
+    audits = read_audits(path, suite=suite) if path.is_dir() else None
+    return build(load_results(results, suite=suite), audits)
 
 
 def render(report: Report, fmt: Format) -> str:

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 import altair as alt
 import pandas as pd
 
-from bench.report import charts, tables
+from bench.report import charts, privacy, tables
 from bench.report.model import Report, Section
 
 RENDER_SNIPPET = """
@@ -309,8 +309,23 @@ def _section(section: Section, scale: alt.Scale, colors: dict[str, str], out: _C
     else:
         parts.append('<p class="problems">No run in this workload finished ok, so there is nothing to chart.</p>')
     parts.append(_speed_table(section, colors))
+    parts.append(_measured_privacy(section))
     parts.append("</section>")
     return "\n".join(p for p in parts if p)
+
+
+def _measured_privacy(section: Section) -> str:
+    """The audit records of the workload (`bench audit`), if any."""
+    rows = privacy.audit_rows(section.audits)
+    if not rows:
+        return ""
+    body = [[_td(_e(c), numeric=2 <= i <= 7) for i, c in enumerate(cells)] for cells in rows]
+    return (
+        '<h3>Measured privacy</h3><p class="settings">'
+        + _e(privacy.NOTE)
+        + "</p>"
+        + _table(privacy.HEADERS, body, "audits")
+    )
 
 
 def _progress(run: pd.Series) -> str:

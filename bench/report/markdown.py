@@ -7,7 +7,7 @@ import re
 
 import pandas as pd
 
-from bench.report import tables
+from bench.report import privacy, tables
 from bench.report.model import Report, Section
 
 # Underscores only at a word's edge: GitHub does not emphasise inside words such as tf_privacy.
@@ -121,7 +121,24 @@ def _section(section: Section) -> list[str]:
     lines.append("")
     if eps:
         lines += ["Final " + "; ".join(eps) + ".", ""]
-    return lines + _problems(section)
+    return lines + _problems(section) + _measured_privacy(section)
+
+
+def _measured_privacy(section: Section) -> list[str]:
+    """The audit records of the workload (`bench audit`), if any."""
+    rows = privacy.audit_rows(section.audits)
+    if not rows:
+        return []
+    lines = [
+        "### Measured privacy",
+        "",
+        escape(privacy.NOTE),
+        "",
+        _row(privacy.HEADERS),
+        _row(["---"] * len(privacy.HEADERS)),
+    ]
+    lines += [_row([escape(c) for c in cells]) for cells in rows]
+    return [*lines, ""]
 
 
 def render(report: Report) -> str:

@@ -28,6 +28,7 @@ class Section:
     federated_runs: pd.DataFrame = field(default_factory=pd.DataFrame)
     round_accuracy: pd.DataFrame = field(default_factory=pd.DataFrame)
     clip_curves: pd.DataFrame = field(default_factory=pd.DataFrame)
+    audits: pd.DataFrame = field(default_factory=pd.DataFrame)  # bench audit's records of this workload
 
     @property
     def federated(self) -> bool:
@@ -133,7 +134,15 @@ def _federated_tables(rows: pd.DataFrame, run_table: pd.DataFrame) -> dict[str, 
     }
 
 
-def build(results: ResultSet) -> Report:
+def _audits_of(audits: pd.DataFrame, suite: str, workload: str) -> pd.DataFrame:
+    if audits.empty:
+        return audits
+    return audits[(audits["suite"] == suite) & (audits["workload"] == workload)].reset_index(drop=True)
+
+
+def build(results: ResultSet, audits: pd.DataFrame | None = None) -> Report:
+    """The report's tables; `audits` (bench.audit.records.read_audits) adds each workload's measured privacy."""
+    audits = pd.DataFrame() if audits is None else audits
     rows = results.frame
     run_table = tables.runs(rows)
     sections = []
@@ -156,6 +165,7 @@ def build(results: ResultSet) -> Report:
                 learning_curves=tables.learning_curves(section_rows, section_runs),
                 epsilon_curves=tables.epsilon_curves(section_rows, section_runs),
                 privacy_order=order,
+                audits=_audits_of(audits, suite, workload),
                 **fields,
             )
         )
