@@ -129,8 +129,9 @@ def config_key(spec_json: str) -> str:
     spec = json.loads(spec_json)
     for name in ("suite", "workload", "perf", "seed"):
         spec.pop(name, None)
-    if spec.get("federated", None) is None:
-        spec.pop("federated", None)  # schema 1 specs predate the field: a DP-SGD run matches with or without it
+    for optional in ("federated", "audit"):
+        if spec.get(optional, None) is None:
+            spec.pop(optional, None)  # older specs predate the field: a run without it matches with or without it
     dp = spec.get("dp", {})
     if dp.get("enabled") and dp.get("target_epsilon") is not None:
         dp.pop("noise_multiplier", None)  # calibrated from the target: a change in it is a finding, not a new run

@@ -88,3 +88,17 @@ def test_bad_audit_blocks_name_the_field(tmp_path, block, field):
     f.write_text(SUITE.replace("AUDIT", block))
     with pytest.raises(SuiteError, match=field):
         load_suite(f)
+
+
+def test_runs_of_specs_without_the_audit_field_match_the_same_runs_with_it():
+    """Baselines written before schema 3 have no `audit` in their spec; `bench compare` matches them all the same."""
+    import json
+
+    from bench.compare import config_key
+
+    spec = json.loads(json.dumps(load_suite("ci").runs[0].to_dict()))
+    assert spec["audit"] is None
+    older = {k: v for k, v in spec.items() if k != "audit"}
+    assert config_key(json.dumps(spec)) == config_key(json.dumps(older))
+    audited = {**spec, "audit": {"canaries": 10, "guesses": 2, "kind": "noise"}}
+    assert config_key(json.dumps(audited)) != config_key(json.dumps(spec))
