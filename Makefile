@@ -4,8 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 BACKENDS ?= jax opacus tf_privacy
 PYTEST_ARGS ?=
+# pytest-xdist workers for `make test`: much of the suite waits on subprocesses or compiles single-threaded, so
+# three keep a 2-core machine busy (tests/conftest.py says which files start first).
+TEST_WORKERS ?= 3
 
-.PHONY: setup envs data browser demo test ci-gate bench lint format clean
+.PHONY: setup envs data browser debs demo test ci-gate bench lint format clean
 
 $(BIN)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 needed"'
@@ -20,10 +23,19 @@ data:
 browser:
 	bash scripts/ensure-browser.sh
 
-envs: $(BIN)/.installed
-	$(BIN)/bench env create $(BACKENDS)
+# Debian's packages, one apt at a time (not as prerequisites, which `make -j` would run side by side).
+debs:
+	bash scripts/ensure-data.sh
+	bash scripts/ensure-browser.sh
 
-setup: $(BIN)/.installed data envs browser
+# One `bench env create` per backend, side by side (pip spends much of its time waiting on downloads and disk).
+envs: $(BIN)/.installed
+	@pids=""; for b in $(BACKENDS); do $(BIN)/bench env create $$b & pids="$$pids $$!"; done; \
+	status=0; for p in $$pids; do wait $$p || status=1; done; exit $$status
+
+# The environments (pip) and Debian's packages (apt) are made side by side.
+setup:
+	$(MAKE) --no-print-directory -j2 envs debs
 
 demo: setup
 	$(BIN)/bench run quickstart
@@ -31,7 +43,8 @@ demo: setup
 	$(BIN)/bench report --suite quickstart --out reports/quickstart.html
 
 test: setup
-	BENCH_REQUIRE_BROWSER=1 $(BIN)/python -m pytest tests --ignore=tests/benchmarks -ra $(PYTEST_ARGS)
+	BENCH_REQUIRE_BROWSER=1 $(BIN)/python -m pytest tests --ignore=tests/benchmarks -ra \
+	  -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # The CI gate on its own (tests/integration/test_ci_gate.py runs it inside `make test`).
 ci-gate: setup

@@ -1,11 +1,21 @@
-"""Drive every installed backend on identical inputs through `bench.probe`, in its own env."""
+"""Drive every installed backend on identical inputs through `bench.probe`, in its own env.
+
+`probe_once` runs a probe once per test session however many pytest-xdist workers ask for it: the first takes a
+lock and runs it, the others wait for its files. Probes share one JAX compilation cache per session, so a case
+that builds what an earlier case built (the same step, other data) loads the compiled step instead of compiling
+it again; a fresh session starts with an empty cache.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -94,7 +104,11 @@ def make_inputs(seed: int = 0) -> dict[str, np.ndarray]:
     return arrays
 
 
-def run_probe(label: str, cases: list[dict], inputs: Path, workdir: Path) -> tuple[dict[str, np.ndarray], dict]:
+def run_probe(
+    label: str, cases: list[dict], inputs: Path, workdir: Path, jax_cache: Path | None = None
+) -> tuple[dict[str, np.ndarray], dict]:
+    """`bench.probe` on `cases` in the backend's environment: (arrays, errors by case id); `jax_cache`: the
+    folder of JAX's persistent compilation cache (default: the `jax-cache` folder beside `workdir`)."""
     backend = label.split(":")[0]
     python = python_for(backend)
     tag = label.replace(":", "_")
@@ -102,15 +116,84 @@ def run_probe(label: str, cases: list[dict], inputs: Path, workdir: Path) -> tup
     request = workdir / f"{tag}.json"
     output = workdir / f"{tag}.npz"
     request.write_text(json.dumps({"cases": cases, "inputs": str(inputs), "output": str(output)}))
-    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), "BENCH_THREADS": "2", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(PROJECT_ROOT),
+        "BENCH_THREADS": "2",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "JAX_COMPILATION_CACHE_DIR": str(jax_cache or workdir.parent / "jax-cache"),
+    }
     proc = subprocess.run(
         [python, "-m", "bench.probe", str(request)], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True
     )
     if proc.returncode != 0:
         raise RuntimeError(f"probe for {label} failed:\n{proc.stderr[-3000:]}")
+    return load_probe(label, workdir)
+
+
+def load_probe(label: str, workdir: Path) -> tuple[dict[str, np.ndarray], dict]:
+    """The arrays and errors a finished probe of `label` left in `workdir`."""
+    output = workdir / f"{label.replace(':', '_')}.npz"
     with np.load(output) as f:
         out = {k: f[k] for k in f.files}
     return out, json.loads(output.with_suffix(".errors.json").read_text())
+
+
+def shared_dir(tmp_path_factory) -> Path:
+    """A folder of this test session that every pytest-xdist worker sees: the session's base temporary folder
+    (a worker's own is a subfolder of it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` (created if missing), held across processes until the block ends."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def slot(folder: Path, slots: int) -> Iterator[None]:
+    """One of `slots` machine-wide places (lock files in `folder`): at most `slots` holders at once."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fds = [os.open(folder / f"slot{k}.lock", os.O_RDWR | os.O_CREAT, 0o644) for k in range(slots)]
+    held = None
+    try:
+        while held is None:
+            for fd in fds:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue
+                held = fd
+                break
+            else:
+                time.sleep(0.2)
+        yield
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def probe_once(
+    label: str, cases: list[dict], inputs: Path, workdir: Path, heavy_slots: tuple[Path, int] | None = None
+) -> tuple[dict[str, np.ndarray], dict]:
+    """run_probe in `workdir`, once per session: a process that finds it done, or being run by another process
+    (an xdist worker), reads its results. `heavy_slots` (folder, n): run it holding one of n slots there, so that
+    no more than n such memory-hungry probes run at once."""
+    done = workdir / "done"
+    with locked(workdir.parent / f"{workdir.name}.lock"):
+        if not done.exists():
+            with slot(*heavy_slots) if heavy_slots else contextlib.nullcontext():
+                run_probe(label, cases, inputs, workdir, jax_cache=workdir.parent / "jax-cache")
+            done.touch()
+    return load_probe(label, workdir)
 
 
 def case(cid: str, run: RunSpec, shape: tuple[int, ...], **fields) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -51,14 +52,14 @@ ILL_CONDITIONED = {("resnet18-gn", "adam", 3): 1e-3}
 # chaotic (the same backend differs from itself by 1e-2 under a 1e-6 input change). A
 # well-conditioned eps still checks the moments, bias correction and coupled L2.
 ADAM_EPS = 1e-3
-# Probes run in two lanes side by side: much of their time is single-threaded tracing and
-# XLA compilation; results do not depend on timing. XLA variants share one lane, because
-# the keras-xla probe (XLA compiling TF Privacy's jacobian, ResNet-18 included) peaked at 14 GB RSS (ps during make test).
-
-
-def _lanes(labels: list[str]) -> list[list[str]]:
-    heavy = [label for label in labels if label.endswith("-xla")]
-    return [lane for lane in (heavy, [label for label in labels if label not in heavy]) if lane]
+# Each backend/variant is probed in a few processes ("units", see _units), LANES at a time, before the first
+# test: much of a probe's time is single-threaded tracing and XLA compilation; results do not depend on timing.
+LANES = 2
+# TF Privacy on ResNet-18 is memory-hungry: one process with the five XLA cases of keras-xla peaked at 14 GB RSS
+# (bench.probe's timings file), 4-6 GB for one or two cases. Such units run in a process per case (or two) and at
+# most HEAVY_SLOTS of them at once, whatever the number of xdist workers.
+HEAVY_SLOTS = 2
+HEAVY_MODELS = ("resnet18-gn",)
 
 
 if h.REFERENCE not in LABELS:
@@ -71,11 +72,15 @@ def _shape(model_case: str) -> tuple[str, tuple[int, int, int]]:
 
 
 @pytest.fixture(scope="session")
-def inputs(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("conformance")
+def inputs(tmp_path_factory) -> tuple[Path, Path, dict[str, np.ndarray]]:
+    """(the session's shared conformance folder, the inputs file in it, the inputs)."""
+    workdir = h.shared_dir(tmp_path_factory) / "conformance"
     arrays = h.make_inputs()
     path = workdir / "inputs.npz"
-    np.savez(path, **arrays)
+    with h.locked(workdir / "inputs.lock"):
+        if not path.exists():
+            np.savez(workdir / "inputs.tmp.npz", **arrays)
+            (workdir / "inputs.tmp.npz").rename(path)
     return workdir, path, arrays
 
 
@@ -88,7 +93,7 @@ def clip_norms(inputs) -> dict[str, tuple[float, np.ndarray]]:
         model, shape = _shape(name)
         run = h.base_run(h.REFERENCE, model, noise_multiplier=0.0)
         cases.append(h.case(f"{name}/norms", run, shape, norms=[f"{name}/x0", f"{name}/y0"]))
-    out, errors = h.run_probe(h.REFERENCE, cases, path, workdir / "norms")
+    out, errors = h.probe_once(h.REFERENCE, cases, path, workdir / "norms")
     assert not errors, errors
     result = {}
     for name in MODEL_NAMES:
@@ -114,7 +119,7 @@ def _cases(label: str, clip: dict[str, tuple[float, np.ndarray]]) -> list[dict]:
             learning_rate=NOISE_LR,
         )
         cases += [
-            h.case(f"{name}/logits", dp0, shape, logits=f"{name}/logits_x"),
+            h.case(f"{name}/logits", sgd, shape, logits=f"{name}/logits_x"),  # bench.probe: then sgd reuses it
             h.case(f"{name}/sgd", sgd, shape, steps=h.steps(name)),
             h.case(f"{name}/sgd_zero", sgd, shape, steps=h.steps(name, zero=True, n=1)),
             *(
@@ -129,17 +134,69 @@ def _cases(label: str, clip: dict[str, tuple[float, np.ndarray]]) -> list[dict]:
     return cases
 
 
+def _units(label: str, cases: list[dict]) -> list[tuple[str, list[dict], bool]]:
+    """A label's cases as (name, cases, heavy) units, each probed in a process of its own: the small models
+    together, and the heavy models per model, or for TF Privacy per case (a model's logits case with the case
+    after it, which builds the same backend and so takes the one the logits case built)."""
+    small = [c for c in cases if c["run"]["model"] not in HEAVY_MODELS]
+    units = [("small", small, False)] if small else []
+    tf = label.startswith("tf_privacy:")
+    for model in HEAVY_MODELS:
+        mine = [c for c in cases if c["run"]["model"] == model]
+        if not tf:
+            units.append((model, mine, False))
+            continue
+        k = 0
+        while k < len(mine):
+            n = 2 if mine[k]["id"].endswith("/logits") and k + 1 < len(mine) else 1
+            units.append((mine[k + n - 1]["id"].replace("/", "-"), mine[k : k + n], True))
+            k += n
+    return units
+
+
+class Outputs:
+    """label -> (arrays, errors) of every case of that backend/variant, each unit probed once per session (a
+    second pytest process of the session, an xdist worker, reads what the first wrote)."""
+
+    def __init__(self, workdir: Path, inputs: Path, clip: dict[str, tuple[float, np.ndarray]]):
+        self.workdir, self.inputs, self.clip = workdir, inputs, clip
+        self.cache: dict[str, tuple[dict[str, np.ndarray], dict]] = {}
+
+    def _probe(self, label: str, unit: tuple[str, list[dict], bool]) -> tuple[dict[str, np.ndarray], dict]:
+        name, cases, heavy = unit
+        heavy_slots = (self.workdir / "heavy", HEAVY_SLOTS) if heavy else None
+        workdir = self.workdir / label.replace(":", "_") / name
+        return h.probe_once(label, cases, self.inputs, workdir, heavy_slots=heavy_slots)
+
+    def _merge(self, label: str, results: list[tuple[dict[str, np.ndarray], dict]]) -> None:
+        arrays, errors = {}, {}
+        for a, e in results:
+            arrays.update(a)
+            errors.update(e)
+        self.cache[label] = (arrays, errors)
+
+    def prefetch(self, labels: list[str]) -> None:
+        """Probe `labels` LANES at a time: the heavy units first (the longest), then those with the most cases."""
+        units = [(label, unit) for label in labels for unit in _units(label, _cases(label, self.clip))]
+        order = sorted(range(len(units)), key=lambda k: (not units[k][1][2], -len(units[k][1][1])))
+        with ThreadPoolExecutor(max_workers=LANES) as pool:
+            done = dict(zip(order, pool.map(lambda k: self._probe(*units[k]), order)))
+        for label in labels:
+            self._merge(label, [done[k] for k in range(len(units)) if units[k][0] == label])
+
+    def __getitem__(self, label: str) -> tuple[dict[str, np.ndarray], dict]:
+        if label not in self.cache:
+            self._merge(label, [self._probe(label, unit) for unit in _units(label, _cases(label, self.clip))])
+        return self.cache[label]
+
+
 @pytest.fixture(scope="session")
-def outputs(inputs, clip_norms):
-    """label -> (arrays, errors) for every installed backend/variant, one probe process each."""
+def outputs(inputs, clip_norms) -> Outputs:
+    """label -> (arrays, errors) for every installed backend/variant (see LANES)."""
     workdir, path, _ = inputs
-
-    def run_lane(labels: list[str]) -> dict:
-        return {label: h.run_probe(label, _cases(label, clip_norms), path, workdir) for label in labels}
-
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        lanes = list(pool.map(run_lane, _lanes(LABELS)))
-    return {label: out for lane in lanes for label, out in lane.items()}
+    store = Outputs(workdir, path, clip_norms)
+    store.prefetch(LABELS)
+    return store
 
 
 def _check_case(label: str, cid: str, errors: dict[str, str]) -> None:

@@ -10,7 +10,14 @@ import pytest
 from bench.envs import PROJECT_ROOT
 from tests.conformance.harness import python_for
 
-CHECKS = ["conv_forms", "per_example", "clipped_sum", "split_sum", "slice_count", "xla_flags"]  # jax_checks.CHECKS (jax is not importable here)
+CHECKS = [
+    "conv_forms",
+    "per_example",
+    "clipped_sum",
+    "split_sum",
+    "slice_count",
+    "xla_flags",
+]  # jax_checks.CHECKS (jax is not importable here)
 
 
 @pytest.mark.parametrize("check", CHECKS)

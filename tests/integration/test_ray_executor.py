@@ -113,11 +113,13 @@ def bench_workers() -> dict[int, str]:
 
 
 def _worker_jobs() -> dict[int, str]:
-    """pid -> job file of every `bench.worker` process on this machine."""
+    """pid -> job file of every `bench.worker` process that a Ray task started on this machine. A Ray task's job file
+    is in its own `dpbench-<run_id>-` temporary folder; workers of other tests running beside these (pytest-xdist)
+    keep theirs under their results folder, and are not counted."""
     found = {}
     for pid in _pids():
         cmd = [a for a in _cmdline(pid) if a]
-        if "bench.worker" in cmd:
+        if "bench.worker" in cmd and Path(cmd[-1]).parent.name.startswith("dpbench-"):
             found[pid] = cmd[-1]
     return found
 
