@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 
 from bench.audit import stats
-from bench.audit.records import AuditKind, AuditStatus, Verdict, audit_path, read_audit_status, write_audit
+from bench.audit.records import AuditKind, AuditStatus, Verdict, audit_path, write_audit
 from bench.envs import EnvError
-from bench.results import read_table, result_path
+from bench.results import read_status, read_table, result_path
 from bench.runner import Outcome, Runner, identity_columns, provenance, worker_env
 from bench.spec import DatasetSpec, DPConfig, OptimizerSpec, PerfFlags, RunSpec, TrainConfig
 from bench.suite import DATASET_INFO, SYNTHETIC_DEFAULTS, Suite
@@ -335,7 +335,7 @@ class Auditor:
 
     def _existing(self, suite: str, audit_id: str, force: bool) -> dict | None:
         path = audit_path(self.runner.results_dir, suite, audit_id)
-        if force or not path.exists() or read_audit_status(path) != AuditStatus.OK:
+        if force or not path.exists() or read_status(path) != AuditStatus.OK:
             return None
         return read_table(path).to_pylist()[0]
 

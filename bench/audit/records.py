@@ -87,14 +87,6 @@ def write_audit(path: Path, row: dict) -> None:
     write_rows(path, [row], AUDIT_SCHEMA, AUDIT_SCHEMA_VERSION)
 
 
-def read_audit_status(path: Path) -> str | None:
-    try:
-        column = read_table(path, columns=["status"]).column("status")
-    except (OSError, pa.ArrowException):
-        return None
-    return column[0].as_py() if len(column) else None
-
-
 def read_audits(results_dir: Path | str, *, suite: str | None = None) -> pd.DataFrame:
     """Every readable audit row under a results folder (or its suite's folder), in the current schema's columns.
 
